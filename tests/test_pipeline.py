@@ -1,0 +1,212 @@
+"""The grain training pipeline on a small sprites dataset at the `tiny` preset's size."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import models
+from msjax import codecs
+from msjax import config_utils
+from msjax.data import pipeline
+from msjax.data import tfds_sprites
+
+N_TRAIN, N_VAL, BATCH = 8, 4, 2
+MULTIPROCESS_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def config():
+  return models.tiny()
+
+
+@pytest.fixture(scope="module")
+def codec(config):
+  return codecs.make_codec(config)
+
+
+@pytest.fixture(scope="module")
+def builder_config(config):
+  return tfds_sprites.SpritesBuilderConfig.from_config(config, n_train=N_TRAIN, n_val=N_VAL)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, builder_config):
+  tfds.disable_progress_bar()
+  path = tmp_path_factory.mktemp("tfds")
+  tfds_sprites.Sprites(data_dir=os.fspath(path), config=builder_config).download_and_prepare()
+  return path
+
+
+@pytest.fixture(scope="module")
+def train_source(data_dir, builder_config):
+  return tfds_sprites.Sprites(data_dir=os.fspath(data_dir), config=builder_config).as_data_source()["train"]
+
+
+def _pipeline(config, codec, source, seed=0, **kwargs):
+  kwargs.setdefault("batch_size", BATCH)
+  return pipeline.make_train_pipeline(config, data_source=source, codec=codec, seed=seed, **kwargs)
+
+
+def _take(iterator, count):
+  return [next(iterator) for _ in range(count)]
+
+
+def _assert_batches_equal(a, b):
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_batch_shapes_and_dtypes(config, codec, train_source):
+  geom = config_utils.geometry(config)
+  iterator = _pipeline(config, codec, train_source)
+  batch = next(iterator)
+  iterator.close()
+  latent = (geom.latent_height, geom.latent_width, geom.latent_channels)
+  num_chunks = geom.latent_frames // geom.chunk_frames
+  chex.assert_shape(batch["latents"], (BATCH, geom.latent_frames, *latent))
+  chex.assert_shape(batch["first_latent"], (BATCH, *latent))
+  chex.assert_shape(batch["track_grid"],
+                    (BATCH, geom.num_frames, geom.latent_height, geom.latent_width, config.tracks.embed_dim))
+  chex.assert_shape(batch["chunk_masked"], (BATCH, num_chunks))
+  chex.assert_shape(batch["prompt"], (BATCH,))
+  chex.assert_type([batch["latents"], batch["first_latent"], batch["track_grid"]], np.float32)
+  assert batch["chunk_masked"].dtype == bool
+  assert batch["prompt"].dtype.kind == "U"
+  np.testing.assert_array_equal(batch["first_latent"], batch["latents"][:, 0])
+  assert all(len(str(p)) > 0 for p in batch["prompt"])
+
+
+def test_example_transform_encodes_the_clip_and_rasterises_a_track_subset(config, codec, train_source):
+  example = train_source[0]
+  out = pipeline.example_transform(example, config=config, codec=codec, rng=np.random.default_rng(0))
+  video = pipeline.video_to_unit_range(example["video"])
+  np.testing.assert_array_equal(codec.decode(None, out["latents"][None])[0], video)
+  assert str(out["prompt"]) == example["prompt"].decode()
+
+  # Frame 0 is never masked. The tiny preset's track grid puts one first-frame point in each latent cell,
+  # so the cells hit at frame 0 are the sampled tracks, each holding one unsummed unit-per-frequency embedding.
+  grid0 = out["track_grid"][0]
+  norms = np.linalg.norm(grid0, axis=-1)
+  used = norms > 0
+  assert config.tracks.min_tracks <= used.sum() <= config.tracks.max_tracks
+  np.testing.assert_allclose(norms[used], np.sqrt(config.tracks.embed_dim / 2), rtol=1e-5)
+  stride = codec.spatial_stride
+  cells = np.floor(example["tracks"][0] / stride).astype(int)
+  hit = np.zeros_like(used)
+  hit[cells[:, 1], cells[:, 0]] = example["visibility"][0]
+  assert not (used & ~hit).any()  # nothing appears where no visible track is
+
+  other = pipeline.example_transform(example, config=config, codec=codec, rng=np.random.default_rng(1))
+  assert not np.array_equal(other["track_grid"], out["track_grid"])  # fresh subset and IDs per draw
+
+
+def test_masked_chunks_have_an_empty_track_grid(config, codec, train_source):
+  masking = config.copy_and_resolve_references()
+  masking.tracks.mask_prob = 1.0
+  out = pipeline.example_transform(train_source[1], config=masking, codec=codec, rng=np.random.default_rng(0))
+  geom = config_utils.geometry(config)
+  np.testing.assert_array_equal(out["chunk_masked"], np.arange(len(out["chunk_masked"])) > 0)
+  first_chunk_end = config_utils.video_frames(geom.chunk_frames, codec.temporal_stride)
+  assert np.abs(out["track_grid"][:first_chunk_end]).sum() > 0
+  assert not out["track_grid"][first_chunk_end:].any()
+
+
+def test_same_seed_same_batches_other_seed_other_order(config, codec, train_source):
+  first, again, other = (_pipeline(config, codec, train_source, seed=s) for s in (7, 7, 8))
+  a, b, c = _take(first, 3), _take(again, 3), _take(other, 3)
+  for iterator in (first, again, other):
+    iterator.close()
+  for x, y in zip(a, b):
+    _assert_batches_equal(x, y)
+  assert any(not np.array_equal(x["latents"], z["latents"]) for x, z in zip(a, c))
+
+
+def test_one_epoch_visits_every_clip_once(config, codec, train_source):
+  iterator = _pipeline(config, codec, train_source, num_epochs=1)
+  batches = list(iterator)
+  iterator.close()
+  assert len(batches) == N_TRAIN // BATCH
+  first_frames = {b["first_latent"][i].tobytes() for b in batches for i in range(BATCH)}
+  assert len(first_frames) == N_TRAIN
+
+
+def test_resumes_from_saved_state_to_the_same_next_batch(config, codec, train_source):
+  iterator = _pipeline(config, codec, train_source, seed=3)
+  _take(iterator, 3)
+  state = json.loads(json.dumps(iterator.get_state()))  # must survive a JSON checkpoint
+  batch4 = next(iterator)
+  iterator.close()
+  fresh = _pipeline(config, codec, train_source, seed=3)
+  fresh.set_state(state)
+  _assert_batches_equal(next(fresh), batch4)
+  fresh.close()
+
+
+# Runs in its own interpreter so a hung worker cannot hang the test session (no pytest-timeout here).
+_MULTIPROCESS_SCRIPT = textwrap.dedent("""
+    import gc, json, sys
+    import numpy as np
+    from configs import models
+    from msjax import codecs
+    from msjax.data import pipeline, tfds_sprites
+    data_dir, n_train, n_val, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    config = models.tiny()
+    builder_config = tfds_sprites.SpritesBuilderConfig.from_config(config, n_train=n_train, n_val=n_val)
+    source = tfds_sprites.Sprites(data_dir=data_dir, config=builder_config).as_data_source()["train"]
+    codec = codecs.make_codec(config)
+    def make(workers):
+      return pipeline.make_train_pipeline(config, data_source=source, codec=codec, seed=5, batch_size=batch,
+                                          worker_count=workers)
+    def same(a, b):
+      return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    single = make(0)
+    expected = [next(single) for _ in range(4)]
+    single.close()
+    workers = make(2)
+    got = [next(workers) for _ in range(3)]
+    state = workers.get_state()
+    got.append(next(workers))
+    workers.close()
+    fresh = make(2)
+    fresh.set_state(json.loads(json.dumps(state)))
+    resumed = next(fresh)
+    fresh.close()
+    result = {"same_batches": all(same(a, b) for a, b in zip(expected, got)),
+              "resumed": same(resumed, expected[3])}
+    del single, workers, fresh, got, resumed
+    gc.collect()
+    print("RESULT " + json.dumps(result), flush=True)
+""")
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # subprocess forks and execs at once: safe
+def test_worker_processes_give_the_same_batches_and_resume(data_dir, tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]), JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-c", _MULTIPROCESS_SCRIPT, os.fspath(data_dir), str(N_TRAIN), str(N_VAL), str(BATCH)],
+      capture_output=True, text=True, timeout=MULTIPROCESS_TIMEOUT_S, env=env, cwd=tmp_path)
+  lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+  assert result.returncode == 0 and lines, (
+      f"exit code {result.returncode}\nstdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-4000:]}")
+  assert json.loads(lines[-1][len("RESULT "):]) == {"same_batches": True, "resumed": True}
+
+
+def test_rejects_a_dataset_prepared_for_another_size(config, codec, train_source):
+  example = dict(train_source[0])
+  example["video"] = example["video"][:, ::2, ::2]
+  with pytest.raises(ValueError, match=r"uint8\[45, 32, 32, 3\]; the config expects uint8\[45, 64, 64, 3\]"):
+    pipeline.example_transform(example, config=config, codec=codec, rng=np.random.default_rng(0))
+
+
+def test_rejects_an_empty_source(config, codec):
+  with pytest.raises(ValueError, match="is empty"):
+    _pipeline(config, codec, [])

@@ -1,0 +1,65 @@
+"""The sprites tfds builder: disjoint split seeds, stored clips equal freshly rendered ones."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import models
+from msjax.data import sprites
+from msjax.data import tfds_sprites
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+  tfds.disable_progress_bar()
+  builder = tfds_sprites.Sprites(data_dir=os.fspath(tmp_path_factory.mktemp("tfds")))  # default: tiny_test
+  builder.download_and_prepare()
+  return builder.builder_config, builder.as_data_source()
+
+
+def _seeds(source):
+  return [int(source[i]["seed"]) for i in range(len(source))]
+
+
+def test_splits_have_the_configured_sizes_and_disjoint_seeds(sources):
+  config, source = sources
+  train, validation = _seeds(source["train"]), _seeds(source["validation"])
+  assert sorted(train) == list(range(config.n_train))
+  offset = tfds_sprites.VALIDATION_SEED_OFFSET
+  assert sorted(validation) == list(range(offset, offset + config.n_val))
+  assert not set(train) & set(validation)
+
+
+def test_stored_example_equals_the_rendered_clip(sources):
+  config, source = sources
+  example = source["validation"][1]
+  clip = sprites.render_clip(int(example["seed"]), config.sprites)
+  num_sprites = len(clip.shapes)
+  for key, expected in [("video", clip.video), ("tracks", clip.tracks), ("visibility", clip.visibility),
+                        ("background", clip.background)]:
+    np.testing.assert_array_equal(example[key], expected, err_msg=key)
+    assert example[key].dtype == expected.dtype, key
+  max_sprites = config.sprites.max_sprites
+  np.testing.assert_array_equal(example["sprite_valid"], np.arange(max_sprites) < num_sprites)
+  np.testing.assert_array_equal(example["centroids"][:, :num_sprites], clip.centroids)
+  np.testing.assert_array_equal(example["sprite_colors"][:num_sprites], clip.colors)
+  np.testing.assert_array_equal(example["sprite_visible"][:, :num_sprites], clip.sprite_visible)
+  assert example["centroids"].shape == (config.sprites.num_frames, max_sprites, 2)
+  assert not example["centroids"][:, num_sprites:].any()
+  assert example["prompt"].decode() == clip.prompt
+  assert example["effect"].decode() == clip.effect
+
+
+def test_builder_config_from_preset_matches_its_video():
+  config = models.tiny()
+  builder_config = tfds_sprites.SpritesBuilderConfig.from_config(config, n_train=3, n_val=2)
+  s = builder_config.sprites
+  assert (s.height, s.width, s.num_frames, s.grid) == (64, 64, 45, 16)
+  assert builder_config.name == "64x64x45_g16_3_2"
+
+
+def test_train_split_may_not_reach_validation_seeds():
+  with pytest.raises(ValueError, match="n_train must be in"):
+    tfds_sprites.SpritesBuilderConfig(name="too_big", n_train=tfds_sprites.VALIDATION_SEED_OFFSET + 1)
