@@ -1,0 +1,171 @@
+"""Evaluation reports: a JSON file of every metric and a side-by-side video grid (GIF, plus mp4 when possible).
+
+The grid has one row per sample clip and three columns: true | generated | baseline (the first frame
+repeated). Tracks that move are drawn as dots, white on dark pixels and black on light ones, so they show on any
+background; static background tracks are left out so they do not cover the frame.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import chex
+import imageio.v3 as iio
+import numpy as np
+
+from msjax.data import tracks as tracks_lib
+from msjax.eval import sprites_eval
+
+REPORT_JSON = "report.json"
+GRID_GIF = "samples.gif"
+GRID_MP4 = "samples.mp4"
+GRID_COLUMNS = ("true", "generated", "baseline")
+SAMPLES_KEY = "samples"  # arrays in an `evaluate` result; not part of the JSON
+SEPARATOR_LEVEL = 255  # white lines between grid cells
+MS_PER_SECOND = 1000.0
+UINT8_MAX = 255
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tracks_lib._atomic_write(path, lambda f: f.write(data))  # pylint: disable=protected-access
+
+
+def json_ready(value: Any) -> Any:
+  """Plain-JSON copy of a result: numpy scalars and arrays become Python numbers and lists, NaN/inf null."""
+  if isinstance(value, dict):
+    return {str(k): json_ready(v) for k, v in value.items() if k != SAMPLES_KEY}
+  if isinstance(value, (list, tuple)):
+    return [json_ready(v) for v in value]
+  if isinstance(value, np.ndarray):
+    return json_ready(value.tolist())
+  if isinstance(value, (np.integer, np.bool_)):
+    return value.item()
+  if isinstance(value, (float, np.floating)):
+    return float(value) if math.isfinite(value) else None
+  return value
+
+
+def write_json(path: str, result: dict[str, Any]) -> None:
+  """Writes an `evaluate` result (without its sample videos) atomically as strict JSON."""
+  text = json.dumps(json_ready(result), indent=1, allow_nan=False)
+  _atomic_write_bytes(path, (text + "\n").encode())
+
+
+def _draw_tracks(frames: np.ndarray, tracks: tracks_lib.Tracks, scale: int) -> np.ndarray:
+  """Marks each visible point of a moving track with a `scale`-pixel dot, white on dark pixels, else black."""
+  chex.assert_axis_dimension(frames, 0, tracks.num_frames)
+  _, height, width, _ = frames.shape
+  moving = np.any(tracks.points != tracks.points[:1], axis=(0, 2))  # [N]
+  time, track = np.nonzero(tracks.visible & moving[None])
+  corner = np.floor(tracks.points[time, track]).astype(np.int64) * scale  # (x, y) of the dot's top-left pixel
+  offsets = np.arange(scale)
+  rows = corner[:, 1, None, None] + offsets[:, None]  # [P, scale, 1]
+  cols = corner[:, 0, None, None] + offsets[None, :]  # [P, 1, scale]
+  rows, cols = np.broadcast_arrays(rows, cols)
+  times = np.broadcast_to(time[:, None, None], rows.shape)
+  inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+  index = (times[inside], rows[inside], cols[inside])
+  frames = frames.copy()
+  dark = frames[index].mean(axis=-1, keepdims=True) < UINT8_MAX / 2
+  frames[index] = np.where(dark, UINT8_MAX, 0).astype(np.uint8)
+  return frames
+
+
+def grid_video(samples: Sequence[sprites_eval.Sample], *, scale: int = 2, draw_tracks: bool = True) -> np.ndarray:
+  """uint8 [T, rows * (s*H + 1) - 1, 3 * (s*W + 1) - 1, 3]: samples side by side, upscaled by `scale`."""
+  if not samples:
+    raise ValueError("a sample grid needs at least one sample clip")
+  if scale < 1:
+    raise ValueError(f"scale must be a positive integer, got {scale}")
+  shape = samples[0].true_video.shape
+  rows = []
+  for sample in samples:
+    cells = []
+    for video in (sample.true_video, sample.generated, sample.baseline):
+      chex.assert_shape(video, shape)
+      big = video.repeat(scale, axis=1).repeat(scale, axis=2)
+      cells.append(_draw_tracks(big, sample.tracks, scale) if draw_tracks else big)
+    rows.append(_join(cells, axis=2))
+  return _join(rows, axis=1)
+
+
+def _join(videos: list[np.ndarray], axis: int) -> np.ndarray:
+  """Concatenates [T, H, W, 3] videos along `axis` with one separator line between neighbours."""
+  line_shape = list(videos[0].shape)
+  line_shape[axis] = 1
+  line = np.full(line_shape, SEPARATOR_LEVEL, np.uint8)
+  parts = [videos[0]]
+  for video in videos[1:]:
+    parts += [line, video]
+  return np.concatenate(parts, axis=axis)
+
+
+def mp4_available() -> bool:
+  return importlib.util.find_spec("imageio_ffmpeg") is not None
+
+
+def write_video(path: str, frames: np.ndarray, fps: float) -> None:
+  """Writes uint8 [T, H, W, 3] atomically as GIF (Pillow) or mp4 (imageio-ffmpeg), chosen by the suffix."""
+  chex.assert_rank(frames, 4)
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix == ".gif":
+    data = iio.imwrite("<bytes>", frames, extension=suffix, duration=MS_PER_SECOND / fps, loop=0)
+  elif suffix == ".mp4":
+    if not mp4_available():
+      raise RuntimeError(f"{path}: writing mp4 needs the imageio-ffmpeg package, which is not installed")
+    # H.264 in yuv420p stores colour at half resolution, so both sides must be even.
+    even = [(0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)]
+    data = iio.imwrite("<bytes>", np.pad(frames, even, mode="edge"), extension=suffix, fps=fps, macro_block_size=1)
+  else:
+    raise ValueError(f"{path}: expected a .gif or .mp4 path, found suffix {suffix!r}")
+  _atomic_write_bytes(path, data)
+
+
+def write_report(out_dir: str, result: dict[str, Any], *, fps: float, scale: int = 2,
+                 draw_tracks: bool = True) -> dict[str, str]:
+  """Writes report.json and, when `result` holds samples, samples.gif (and samples.mp4 when possible).
+
+  Returns {kind: path} of what was written.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  written = {"json": os.path.join(out_dir, REPORT_JSON)}
+  samples = result.get(SAMPLES_KEY) or []
+  report = dict(result)
+  if samples:
+    report["grid"] = {"columns": list(GRID_COLUMNS), "seeds": [s.seed for s in samples], "scale": scale,
+                      "prompts": [s.prompt for s in samples]}
+  write_json(written["json"], report)
+  if samples:
+    frames = grid_video(samples, scale=scale, draw_tracks=draw_tracks)
+    written["gif"] = os.path.join(out_dir, GRID_GIF)
+    write_video(written["gif"], frames, fps)
+    if mp4_available():
+      written["mp4"] = os.path.join(out_dir, GRID_MP4)
+      write_video(written["mp4"], frames, fps)
+  return written
+
+
+SUMMARY_METRICS = (("epe", "EPE px"), ("epe_track", "track EPE px"), ("epe_missed_fraction", "missed"),
+                   ("psnr", "PSNR dB"), ("ssim", "SSIM"), ("effect_adherence", "effect"),
+                   ("drift.psnr.slope", "PSNR slope/frame"), ("fps", "FPS"))
+
+
+def format_summary(result: dict[str, Any]) -> str:
+  """A plain-text table: one row per generator, the mean of the headline metrics."""
+  names = list(result["results"])
+  width = max(len(n) for n in names) + 2
+  header = "".join(f"{label:>18}" for _, label in SUMMARY_METRICS)
+  lines = [" " * width + header]
+  for name in names:
+    aggregate = result["results"][name]["aggregate"]
+    cells = []
+    for key, _ in SUMMARY_METRICS:
+      mean = aggregate[key]["mean"] if key in aggregate else math.nan
+      cells.append(f"{mean:>18.3f}" if math.isfinite(mean) else f"{'-':>18}")
+    lines.append(f"{name:<{width}}" + "".join(cells))
+  return "\n".join(lines)
