@@ -1,1 +1,8 @@
+"""The DiT and its streaming cache.
 
+  dit.py          WanDiT (teacher, critic and student), DiTSpec
+  track_head.py   Conditioning, the track head, image-conditioning channels
+  attention.py    attention through jax.nn.dot_product_attention, block-causal masks, the cached path
+  rope.py         Wan's 3-axis RoPE and the cache-position rule
+  kv_cache.py     CacheState and the pure init_cache / denoise / commit functions
+"""
