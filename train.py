@@ -1,19 +1,31 @@
-"""Train a stage of MotionStream: `python train.py --config configs/teacher.py` or `--config configs/distill.py`."""
+"""Train a stage of MotionStream: `python train.py --config configs/teacher.py` or `--config configs/distill.py`.
+
+Override any config value on the command line, e.g. `--config configs/teacher.py:tiny --config.train.steps=100
+--config.workdir=runs/try`. A run resumes from the newest checkpoint in its workdir.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from absl import app
+from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (file[:preset]).", lock_config=True)
 
 STAGES = ("teacher", "causal_init", "dmd")
+# stage -> module with `train(config)`; stages without one yet are reported as such.
+STAGE_MODULES = {"teacher": "msjax.train.teacher", "causal_init": "msjax.train.causal_init",
+                 "dmd": "msjax.train.dmd"}
 
 
 def main(argv: list[str]) -> None:
   del argv
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint step at INFO
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   if config is None:
     print("error: --config is required, e.g. --config configs/teacher.py", file=sys.stderr)
@@ -21,8 +33,15 @@ def main(argv: list[str]) -> None:
   if config.stage not in STAGES:
     print(f"error: config.stage must be one of {', '.join(STAGES)}, got {config.stage!r}", file=sys.stderr)
     sys.exit(2)
-  print(f"error: training stage {config.stage!r} is not implemented in this build yet", file=sys.stderr)
-  sys.exit(1)
+  module_name = STAGE_MODULES[config.stage]
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as e:
+    if e.name != module_name:
+      raise
+    print(f"error: training stage {config.stage!r} is not implemented in this build yet", file=sys.stderr)
+    sys.exit(1)
+  module.train(config)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.stage = "teacher"
   c.seed = 0
   c.workdir = f"runs/teacher_{c.preset}"
+  c.init_checkpoint = ""  # converted Wan DiT params (python -m msjax.convert wan ...); "" = random init
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "sprites"  # sprites | video_folder
@@ -42,6 +43,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.01
   c.optim.grad_clip = 1.0
   c.optim.ema_decay = 0.999
+  c.optim.schedule = "constant"  # after linear warmup: constant | cosine (to 0 at train.steps)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 6000 if c.preset == "tiny" else 4800
@@ -55,4 +57,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all remaining devices
   c.mesh.fsdp = 1
+  c.mesh.fsdp_min_size = 2**16  # arrays with fewer elements are replicated rather than fsdp-sharded
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 4  # fixed validation clips for the validation loss
+  c.eval.timesteps = (0.25, 0.5, 0.75)  # validation loss is reported at these fixed t
+  c.eval.num_samples = 1  # guided samples written to <workdir>/samples per eval (0: none)
   return c

@@ -1,0 +1,406 @@
+"""Teacher stage (paper section 3): the bidirectional motion-conditioned DiT trained by rectified flow.
+
+Objective per clip: t = shift(u), u ~ U[0, 1) (config.flow.shift); z_t = (1 - t) z0 + t eps; regress
+v = eps - z0 with an unweighted MSE (the paper's weighting w_t is not specified). Text and tracks are dropped
+per sample (config.dropout) to the null conditions of `msjax.diffusion.guidance`, so the joint guidance's
+v(0, c_m) and v(c_t, 0) are trained; mid-chunk track masking comes from the data pipeline. With
+`model.image_condition == 'replace'` (Wan 2.2) latent frame 0 is the clean image, so it is left out of the loss.
+
+Parameter tree of the stage (what checkpoints hold under `state.params` / `state.ema_params`):
+  {'dit': WanDiT params, 'text': learned text-encoder params}; 'text' only when the encoder is trainable
+  (`learned`). Frozen encoders (`minilm`, `precomputed`) run on the host side of the batch and their output
+  arrives in the batch as `context`.
+
+`train(config)` builds the model, data, sharded state and jitted step and hands them to the shared loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import tempfile
+from typing import Any, Callable
+
+import chex
+from flax import traverse_util
+import imageio.v2 as imageio
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tensorflow_datasets as tfds
+
+from msjax import codecs
+from msjax import config_utils
+from msjax.data import pipeline
+from msjax.diffusion import flow
+from msjax.diffusion import guidance
+from msjax.models import dit
+from msjax.models import text as text_lib
+from msjax.models.track_head import Conditioning
+from msjax.train import loop
+from msjax.train import sharding
+from msjax.train import state as state_lib
+
+DIT_PARAMS = "dit"
+TEXT_PARAMS = "text"
+SAMPLES_SUBDIR = "samples"
+# Codecs whose decoder needs no weights, so the eval hook can turn samples into GIFs on its own.
+WEIGHTLESS_CODECS = ("pack",)
+UINT8_MAX = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherObjective:
+  """The static knobs of the loss, read once from the config (hashable, no ConfigDict inside jit)."""
+  shift: float
+  text_dropout: float
+  motion_dropout: float
+  image_condition: str
+  use_tracks: bool
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> TeacherObjective:
+    return cls(shift=float(config.flow.shift), text_dropout=float(config.dropout.text),
+               motion_dropout=float(config.dropout.motion), image_condition=config.model.image_condition,
+               use_tracks=config.model.track_channels > 0)
+
+
+# ---- data -------------------------------------------------------------------------------------------------
+
+
+def make_data_source(config: ml_collections.ConfigDict, split: str, fallback_split: str | None = None) -> Any:
+  """The random-access source of stored clips for `split` (or `fallback_split` when the dataset has no such
+  split, e.g. a video folder without a validation/ subfolder), preparing the tfds dataset on first use."""
+  data = config.data
+  geo = config_utils.geometry(config)
+  if data.dataset == "sprites":
+    from msjax.data import tfds_sprites  # pylint: disable=g-import-not-at-top
+    builder_config = tfds_sprites.SpritesBuilderConfig.from_config(config, n_train=data.num_train,
+                                                                   n_val=data.num_validation)
+    builder = tfds_sprites.Sprites(data_dir=data.data_dir, config=builder_config)
+    download_config = None
+  elif data.dataset == "video_folder":
+    from msjax.data import tfds_videos  # pylint: disable=g-import-not-at-top
+    if not data.video_folder:
+      raise ValueError("config.data.dataset is 'video_folder' but config.data.video_folder is empty; set it to a "
+                       "folder of name.mp4 + name.npz clips")
+    builder_config = tfds_videos.VideoFolderConfig(
+        name=f"{geo.height}x{geo.width}x{geo.num_frames}", height=geo.height, width=geo.width,
+        num_frames=geo.num_frames, temporal_stride=config.codec.temporal_stride)
+    builder = tfds_videos.VideoFolder(data_dir=data.data_dir, config=builder_config)
+    download_config = tfds.download.DownloadConfig(manual_dir=data.video_folder)
+  else:
+    raise ValueError(f"config.data.dataset must be 'sprites' or 'video_folder', got {data.dataset!r}")
+  if not builder.is_prepared():
+    print(f"preparing dataset {builder.name}/{builder_config.name} under {data.data_dir} (first use)", flush=True)
+    builder.download_and_prepare(download_config=download_config)
+  sources = builder.as_data_source()
+  if split not in sources and fallback_split in sources:
+    print(f"dataset {builder.name}/{builder_config.name} has no {split!r} split; using {fallback_split!r}")
+    split = fallback_split
+  if split not in sources:
+    raise ValueError(f"dataset {builder.name}/{builder_config.name} has no {split!r} split (found "
+                     f"{', '.join(sources)})")
+  return sources[split]
+
+
+class BatchPreparer:
+  """Host batch from the pipeline -> the sharded device batch the step reads (text handled per encoder)."""
+
+  def __init__(self, mesh: jax.sharding.Mesh, text_encoder: text_lib.TextEncoder, frozen_text_params: Any):
+    self.mesh = mesh
+    self.text_encoder = text_encoder
+    self.frozen_text_params = frozen_text_params
+
+  def host_arrays(self, host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    arrays = {name: host_batch[name] for name in ("latents", "first_latent", "track_grid")}
+    if self.text_encoder.trainable:
+      inputs = self.text_encoder.prepare(host_batch["prompt"])
+      arrays["text_ids"], arrays["text_mask"] = inputs.ids, inputs.mask
+    else:
+      context, _ = self.text_encoder.encode(self.frozen_text_params, host_batch["prompt"])
+      arrays["context"] = np.asarray(context)
+    return arrays
+
+  def __call__(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return sharding.shard_batch(self.mesh, self.host_arrays(host_batch))
+
+
+# ---- model and objective ----------------------------------------------------------------------------------
+
+
+def text_contexts(params: Any, batch: dict[str, jax.Array], text_encoder: text_lib.TextEncoder,
+                  null_context: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """(context [B, L, D], null context [1, L, D]) for the batch: from the trainable encoder or the batch."""
+  if not text_encoder.trainable:
+    return batch["context"], null_context
+  inputs = text_lib.TextInputs(mask=batch["text_mask"], ids=batch["text_ids"])
+  context, _ = text_encoder.apply(params[TEXT_PARAMS], inputs)
+  null, _ = text_encoder.apply(params[TEXT_PARAMS], text_encoder.prepare([""]))
+  return context, null
+
+
+def conditioning(batch: dict[str, jax.Array], context: jax.Array, objective: TeacherObjective) -> Conditioning:
+  first_latent = None if objective.image_condition == "none" else batch["first_latent"]
+  track_grid = batch["track_grid"] if objective.use_tracks else None
+  return Conditioning(context=context, first_latent=first_latent, track_grid=track_grid)
+
+
+def frame_weights(num_frames: int, objective: TeacherObjective) -> jax.Array:
+  """Per-latent-frame loss weights: frame 0 is not predicted when it is the clean image ('replace')."""
+  weights = jnp.ones((num_frames,), jnp.float32)
+  return weights.at[0].set(0.0) if objective.image_condition == "replace" else weights
+
+
+def teacher_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, model: dit.WanDiT,
+                 text_encoder: text_lib.TextEncoder, objective: TeacherObjective,
+                 null_context: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Flow-matching MSE with shifted timesteps and per-sample text / motion dropout."""
+  z0 = batch["latents"].astype(jnp.float32)
+  chex.assert_rank(z0, 5)
+  batch_size, num_frames = z0.shape[:2]
+  t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
+  t = flow.sample_training_timesteps(t_rng, (batch_size,), objective.shift)
+  noise = jax.random.normal(noise_rng, z0.shape, jnp.float32)
+  z_t = flow.add_noise(z0, noise, t)
+  context, null = text_contexts(params, batch, text_encoder, null_context)
+  cond = guidance.drop_conditions(drop_rng, conditioning(batch, context, objective), null,
+                                  objective.text_dropout, objective.motion_dropout)
+  v = model.apply({"params": params[DIT_PARAMS]}, z_t, t, cond)
+  chex.assert_equal_shape([v, z0])
+  per_frame = jnp.mean(jnp.square(v - flow.velocity_target(z0, noise)), axis=(2, 3, 4))  # [B, F]
+  weights = frame_weights(num_frames, objective)
+  loss = jnp.sum(per_frame * weights) / (batch_size * jnp.sum(weights))
+  return loss, {"timestep_mean": jnp.mean(t)}
+
+
+def model_inputs_like(config: ml_collections.ConfigDict, batch_size: int) -> tuple[jax.Array, jax.Array,
+                                                                                   Conditioning]:
+  """Zero inputs of the right shapes, for `init` and shape checks."""
+  geo = config_utils.geometry(config)
+  latents = jnp.zeros((batch_size, geo.latent_frames, geo.latent_height, geo.latent_width, geo.latent_channels))
+  grid = jnp.zeros((batch_size, geo.num_frames, geo.latent_height, geo.latent_width, config.tracks.embed_dim))
+  context = jnp.zeros((batch_size, config.model.text_len, config.model.text_dim))
+  objective = TeacherObjective.from_config(config)
+  cond = conditioning({"first_latent": latents[:, 0], "track_grid": grid}, context, objective)
+  return latents, jnp.zeros((batch_size,)), cond
+
+
+def init_params(config: ml_collections.ConfigDict, model: dit.WanDiT, text_encoder: text_lib.TextEncoder,
+                rng: jax.Array) -> dict[str, Any]:
+  """Fresh stage params: {'dit': ...} plus {'text': ...} for a trainable text encoder."""
+  dit_rng, text_rng = jax.random.split(rng)
+  params = {DIT_PARAMS: model.init(dit_rng, *model_inputs_like(config, 1))["params"]}
+  if text_encoder.trainable:
+    params[TEXT_PARAMS] = text_encoder.init_params(text_rng)
+  return params
+
+
+def load_dit_checkpoint(path: str, expected: Any) -> Any:
+  """Converted DiT params (`python -m msjax.convert wan ...`), checked leaf by leaf against `expected`."""
+  from msjax.convert import common  # pylint: disable=g-import-not-at-top
+  loaded = traverse_util.flatten_dict(dict(common.load_params(path)), sep="/")
+  wanted = traverse_util.flatten_dict(dict(expected), sep="/")
+  problems = [f"{name}: expected {list(wanted[name].shape)}, found "
+              f"{list(np.shape(loaded[name])) if name in loaded else 'nothing'}"
+              for name in sorted(wanted) if name not in loaded or np.shape(loaded[name]) != wanted[name].shape]
+  problems += [f"{name}: not a parameter of this model" for name in sorted(set(loaded) - set(wanted))]
+  if problems:
+    raise ValueError(f"{path}: DiT params do not fit config.model ({len(problems)} problems): "
+                     + "; ".join(problems[:10]))
+  return traverse_util.unflatten_dict({name: np.asarray(loaded[name], wanted[name].dtype) for name in wanted},
+                                      sep="/")
+
+
+def make_train_step(model: dit.WanDiT, text_encoder: text_lib.TextEncoder, objective: TeacherObjective,
+                    tx: optax.GradientTransformation, ema_decay: float, grad_accum: int,
+                    lr_schedule: optax.Schedule) -> Callable[..., Any]:
+  """`step(state, batch, null_context)`; null_context is the frozen encoder's empty prompt (None if trained)."""
+
+  def step(state: state_lib.TrainState, batch: dict[str, jax.Array], null_context: jax.Array | None):
+    loss_fn = functools.partial(teacher_loss, model=model, text_encoder=text_encoder, objective=objective,
+                                null_context=null_context)
+    return state_lib.make_train_step(loss_fn, tx, ema_decay, grad_accum, lr_schedule)(state, batch)
+
+  return step
+
+
+# ---- sampling and evaluation ------------------------------------------------------------------------------
+
+
+def sample(model: dit.WanDiT, dit_params: Any, noise: jax.Array, cond: Conditioning, null_context: jax.Array,
+           guidance_config: ml_collections.ConfigDict, shift: float) -> jax.Array:
+  """Teacher sampling: Euler over `guidance_config.num_steps` shifted steps with guided velocities."""
+
+  def apply_fn(x, t, c):
+    return model.apply({"params": dit_params}, x, t, c)
+
+  def velocity_fn(z, t):
+    return guidance.guided_velocity(apply_fn, z, t, cond, null_context, guidance_config.mode,
+                                    guidance_config.text_scale, guidance_config.motion_scale)
+
+  return flow.euler_sample(velocity_fn, noise, flow.euler_timesteps(guidance_config.num_steps, shift))
+
+
+def _to_uint8_frames(video: np.ndarray) -> np.ndarray:
+  return np.clip(np.round((video + 1.0) * (UINT8_MAX / 2.0)), 0, UINT8_MAX).astype(np.uint8)
+
+
+def write_gif(path: str, frames: np.ndarray, fps: int) -> None:
+  """[T, H, W, 3] uint8 -> GIF, written atomically (temp file in the same folder, then rename)."""
+  directory = os.path.dirname(path) or "."
+  os.makedirs(directory, exist_ok=True)
+  handle, temp_path = tempfile.mkstemp(suffix=".gif", dir=directory)
+  os.close(handle)
+  try:
+    imageio.mimsave(temp_path, list(frames), format="GIF", duration=1.0 / fps, loop=0)
+    os.replace(temp_path, path)
+  except BaseException:
+    if os.path.exists(temp_path):
+      os.remove(temp_path)
+    raise
+
+
+class TeacherEval:
+  """The stage's eval hook: validation loss at fixed timesteps (EMA params), and one guided sample.
+
+  Validation loss uses a fixed batch, fixed noise and no dropout, so its curve is comparable across steps.
+  The sample is written as `<workdir>/samples/step_<N>.gif` (ground truth | sample, side by side) when the
+  codec decodes without weights; otherwise its latents go to `.npy`. Other metrics (EPE, PSNR) belong to
+  msjax.eval and can be added by wrapping this hook.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, model: dit.WanDiT,
+               text_encoder: text_lib.TextEncoder, frozen_text_params: Any, preparer: BatchPreparer,
+               validation_batch: dict[str, np.ndarray]):
+    self.config = config
+    self.workdir = workdir
+    self.objective = TeacherObjective.from_config(config)
+    self.model = model
+    self.text_encoder = text_encoder
+    self.frozen_text_params = frozen_text_params
+    self.batch = preparer.host_arrays(validation_batch)  # host arrays, passed to the jitted functions
+    self.eval_timesteps = tuple(config.eval.timesteps)
+    self.num_samples = min(int(config.eval.num_samples), self.batch["latents"].shape[0])
+    self._loss = jax.jit(self._validation_loss)
+    self._sample = jax.jit(self._guided_sample)
+    self.null_context = (None if text_encoder.trainable
+                         else text_encoder.null_context(frozen_text_params)[0])
+
+  def _validation_loss(self, params: Any, batch: dict[str, jax.Array],
+                       null_context: jax.Array | None) -> dict[str, jax.Array]:
+    z0 = batch["latents"]
+    noise = jax.random.normal(jax.random.PRNGKey(self.config.seed), z0.shape)
+    context, _ = text_contexts(params, batch, self.text_encoder, null_context)
+    cond = conditioning(batch, context, self.objective)
+    weights = frame_weights(z0.shape[1], self.objective)
+    losses = {}
+    for t_value in self.eval_timesteps:
+      t = jnp.full((z0.shape[0],), t_value, jnp.float32)
+      v = self.model.apply({"params": params[DIT_PARAMS]}, flow.add_noise(z0, noise, t), t, cond)
+      per_frame = jnp.mean(jnp.square(v - flow.velocity_target(z0, noise)), axis=(2, 3, 4))
+      losses[f"val_loss_t{t_value:g}"] = jnp.sum(per_frame * weights) / (z0.shape[0] * jnp.sum(weights))
+    losses["val_loss"] = jnp.mean(jnp.stack(list(losses.values())))
+    return losses
+
+  def _guided_sample(self, params: Any, part: dict[str, jax.Array], null_context: jax.Array | None) -> jax.Array:
+    context, null = text_contexts(params, part, self.text_encoder, null_context)
+    noise = jax.random.normal(jax.random.PRNGKey(self.config.seed + 1), part["latents"].shape)
+    latents = sample(self.model, params[DIT_PARAMS], noise, conditioning(part, context, self.objective), null,
+                     self.config.guidance, self.objective.shift)
+    if self.objective.image_condition == "replace":
+      latents = latents.at[:, 0].set(part["first_latent"])
+    return latents
+
+  def __call__(self, step: int, state: state_lib.TrainState) -> dict[str, float]:
+    params = state.ema_params
+    losses = self._loss(params, self.batch, self.null_context)
+    scalars = {name: float(value) for name, value in jax.device_get(losses).items()}
+    if self.num_samples and jax.process_index() == 0:
+      part = {name: value[:self.num_samples] for name, value in self.batch.items()}
+      latents = np.asarray(jax.device_get(self._sample(params, part, self.null_context)))
+      self._write_sample(step, latents)
+    return scalars
+
+  def _write_sample(self, step: int, latents: np.ndarray) -> None:
+    directory = os.path.join(self.workdir, SAMPLES_SUBDIR)
+    os.makedirs(directory, exist_ok=True)
+    if self.config.codec.name not in WEIGHTLESS_CODECS:
+      handle, temp_path = tempfile.mkstemp(suffix=".npy", dir=directory)
+      os.close(handle)
+      np.save(temp_path, latents)
+      os.replace(temp_path, os.path.join(directory, f"step_{step:07d}.npy"))
+      return
+    codec = codecs.make_codec(self.config)
+    truth = np.asarray(codec.decode(None, self.batch["latents"][:self.num_samples]))
+    generated = np.asarray(codec.decode(None, jnp.asarray(latents)))
+    side_by_side = np.concatenate([truth, generated], axis=3)  # [N, T, H, 2W, 3]
+    frames = np.concatenate(list(side_by_side), axis=1)  # samples stacked vertically
+    write_gif(os.path.join(directory, f"step_{step:07d}.gif"), _to_uint8_frames(frames), self.config.video.fps)
+
+
+# ---- the stage ----------------------------------------------------------------------------------------------
+
+
+def _check_batch_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  train = config.train
+  if train.batch_size % (train.grad_accum * mesh.size):
+    raise ValueError(f"config.train.batch_size={train.batch_size} must be a multiple of grad_accum "
+                     f"({train.grad_accum}) x devices ({mesh.size}) so every micro-batch splits evenly")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> state_lib.TrainState:
+  """Trains the teacher for `config.train.steps` steps in `workdir` (default `config.workdir`), resuming."""
+  workdir = workdir or config.workdir
+  mesh = sharding.make_mesh(config.mesh)
+  _check_batch_config(config, mesh)
+  objective = TeacherObjective.from_config(config)
+  model = dit.WanDiT(dit.DiTSpec.from_config(config))
+  text_encoder = text_lib.make_text_encoder(config)
+  frozen_text_params = None if text_encoder.trainable else text_encoder.init_params()
+  total_steps = int(config.train.steps)
+  lr_schedule = state_lib.learning_rate_schedule(config.optim, total_steps)
+  tx = state_lib.make_optimizer(config.optim, total_steps)
+  min_shard = int(config.mesh.get("fsdp_min_size", sharding.DEFAULT_FSDP_MIN_SIZE))
+  rng = jax.random.PRNGKey(config.seed)
+
+  def init_state(key: jax.Array) -> state_lib.TrainState:
+    params_key, state_key = jax.random.split(key)
+    return state_lib.create_train_state(init_params(config, model, text_encoder, params_key), tx, state_key)
+
+  abstract = sharding.abstract_sharded(init_state, mesh, rng, min_shard)
+
+  def fresh_state() -> state_lib.TrainState:
+    state = sharding.init_sharded(init_state, abstract, rng)
+    if not config.get("init_checkpoint", ""):
+      return state
+    params = dict(state.params, **{DIT_PARAMS: load_dit_checkpoint(config.init_checkpoint,
+                                                                   state.params[DIT_PARAMS])})
+    return sharding.init_sharded(lambda p, key: state_lib.create_train_state(p, tx, key), abstract, params,
+                                 state.rng)
+
+  step = make_train_step(model, text_encoder, objective, tx, config.optim.ema_decay, config.train.grad_accum,
+                         lr_schedule)
+  jitted = sharding.jit_train_step(step, mesh, sharding.shardings_of(abstract), num_constants=1)
+  null_context = None
+  if not text_encoder.trainable:
+    null_context = jax.device_put(text_encoder.null_context(frozen_text_params)[0], sharding.replicated(mesh))
+
+  codec = codecs.make_codec(config)
+  local_batch = config.train.batch_size // jax.process_count()
+  iterator = pipeline.make_train_pipeline(config, data_source=make_data_source(config, "train"), codec=codec,
+                                          seed=config.seed, batch_size=local_batch,
+                                          worker_count=config.data.worker_count)
+  preparer = BatchPreparer(mesh, text_encoder, frozen_text_params)
+  eval_hook = None
+  if config.train.eval_every > 0:
+    validation = make_data_source(config, "validation", fallback_split="train")
+    validation_batch = next(pipeline.make_train_pipeline(
+        config, data_source=validation, codec=codec, seed=config.seed,
+        batch_size=min(int(config.eval.batch_size), len(validation))))
+    eval_hook = TeacherEval(config, workdir, model, text_encoder, frozen_text_params, preparer, validation_batch)
+  return loop.train_loop(config, workdir, fresh_state, abstract, lambda s, b: jitted(s, b, null_context),
+                         iterator, preparer, eval_hook)

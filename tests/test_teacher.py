@@ -1,0 +1,179 @@
+"""Teacher stage: the objective (with a stand-in model), text handling, and `python train.py` end to end."""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from msjax.convert import common as convert_common
+from msjax.models import text as text_lib
+from msjax.models.track_head import Conditioning
+from msjax.train import loop
+from msjax.train import teacher
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+B, F, H, W, C = 4, 3, 8, 8, 8
+PIXEL_FRAMES, TRACK_DIM, TEXT_LEN, TEXT_DIM = 9, 4, 3, 5
+TRAIN_TIMEOUT_S = 420
+
+
+class StandInModel(nn.Module):
+  """Per-frame and per-cell: reads every conditioning the DiT reads, so dropout and masking are visible."""
+
+  @nn.compact
+  def __call__(self, latents, t, cond: Conditioning):
+    text = cond.context.mean(axis=(1, 2))[:, None, None, None, None]
+    motion = cond.track_grid.mean(axis=(1, 4))[:, None, :, :, None]
+    first = cond.first_latent[:, None]
+    return nn.Dense(C)(latents) * (1.0 + t[:, None, None, None, None]) + text + motion + 0.1 * first
+
+
+def _batch(seed=0, latent_scale=1.0):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+  latents = latent_scale * jax.random.normal(keys[0], (B, F, H, W, C))
+  return {"latents": latents, "first_latent": latents[:, 0],
+          "track_grid": jax.random.normal(keys[1], (B, PIXEL_FRAMES, H, W, TRACK_DIM)),
+          "context": jax.random.normal(keys[2], (B, TEXT_LEN, TEXT_DIM))}
+
+
+NULL_CONTEXT = jnp.full((1, TEXT_LEN, TEXT_DIM), 0.5)
+FROZEN_TEXT = text_lib.PrecomputedTextEncoder(TEXT_LEN, TEXT_DIM)
+
+
+def _objective(**overrides):
+  values = dict(shift=3.0, text_dropout=0.0, motion_dropout=0.0, image_condition="concat", use_tracks=True)
+  values.update(overrides)
+  return teacher.TeacherObjective(**values)
+
+
+def _loss(params, batch, objective, model=StandInModel(), seed=1):
+  loss, _ = teacher.teacher_loss({teacher.DIT_PARAMS: params}, batch, jax.random.PRNGKey(seed), model=model,
+                                 text_encoder=FROZEN_TEXT, objective=objective, null_context=NULL_CONTEXT)
+  return float(loss)
+
+
+def _params():
+  batch = _batch()
+  cond = teacher.conditioning(batch, batch["context"], _objective())
+  return StandInModel().init(jax.random.PRNGKey(0), batch["latents"], jnp.zeros((B,)), cond)["params"]
+
+
+class ZeroModel(nn.Module):
+
+  @nn.compact
+  def __call__(self, latents, t, cond):
+    del t, cond
+    return jnp.zeros_like(latents) * self.param("unused", nn.initializers.zeros, ())
+
+
+def test_loss_target_is_noise_minus_data():
+  # A model that predicts 0 pays E|eps - z0|^2 = 1 + scale^2 for z0 of that scale, whatever t is.
+  for scale in (0.0, 2.0):
+    loss = _loss({"unused": jnp.zeros(())}, _batch(latent_scale=scale), _objective(), model=ZeroModel())
+    assert loss == pytest.approx(1.0 + scale**2, rel=0.05)
+
+
+def test_dropout_replaces_text_and_tracks_with_the_null_conditions():
+  params, batch = _params(), _batch()
+  base = _loss(params, batch, _objective())
+  no_text_batch = dict(batch, context=jnp.broadcast_to(NULL_CONTEXT, batch["context"].shape))
+  no_motion_batch = dict(batch, track_grid=jnp.zeros_like(batch["track_grid"]))
+  assert _loss(params, batch, _objective(text_dropout=1.0)) == pytest.approx(
+      _loss(params, no_text_batch, _objective()), rel=1e-6)
+  assert _loss(params, batch, _objective(motion_dropout=1.0)) == pytest.approx(
+      _loss(params, no_motion_batch, _objective()), rel=1e-6)
+  assert abs(_loss(params, no_text_batch, _objective()) - base) > 1e-4
+  assert abs(_loss(params, no_motion_batch, _objective()) - base) > 1e-4
+
+
+def test_replace_mode_leaves_frame_zero_out_of_the_loss():
+  params, batch = _params(), _batch()
+  changed = dict(batch, latents=batch["latents"].at[:, 0].add(3.0))
+  replace = _objective(image_condition="replace")
+  assert _loss(params, changed, replace) == pytest.approx(_loss(params, batch, replace), rel=1e-6)
+  assert abs(_loss(params, changed, _objective()) - _loss(params, batch, _objective())) > 1e-2
+
+
+def test_trainable_text_encoder_gives_the_empty_prompt_as_null():
+  encoder = text_lib.LearnedTextEncoder(4, TEXT_DIM, width=16, num_layers=1, num_heads=2)
+  params = {teacher.TEXT_PARAMS: encoder.init_params(jax.random.PRNGKey(0))}
+  inputs = encoder.prepare(["a red circle", "a blue square"])
+  batch = {"text_ids": inputs.ids, "text_mask": inputs.mask}
+  context, null = teacher.text_contexts(params, batch, encoder, None)
+  np.testing.assert_allclose(context, encoder.encode(params[teacher.TEXT_PARAMS], ["a red circle",
+                                                                                   "a blue square"])[0], atol=1e-6)
+  np.testing.assert_allclose(null, encoder.null_context(params[teacher.TEXT_PARAMS])[0], atol=1e-6)
+  assert float(jnp.abs(context - null).max()) > 1e-3
+
+
+def test_converted_checkpoint_with_wrong_shapes_is_refused(tmp_path):
+  expected = {"patch_embedding": {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros((3,))}}
+  convert_common.save_params({"patch_embedding": {"kernel": np.zeros((2, 4), np.float32)},
+                              "extra": {"w": np.zeros((1,), np.float32)}}, tmp_path / "ckpt")
+  with pytest.raises(ValueError, match=r"patch_embedding/kernel: expected \[2, 3\], found \[2, 4\]") as error:
+    teacher.load_dit_checkpoint(str(tmp_path / "ckpt"), expected)
+  assert "patch_embedding/bias: expected [3], found nothing" in str(error.value)
+  assert "extra/w: not a parameter" in str(error.value)
+  good = {"patch_embedding": {"kernel": np.ones((2, 3), np.float32), "bias": np.ones((3,), np.float32)}}
+  convert_common.save_params(good, tmp_path / "good")
+  loaded = teacher.load_dit_checkpoint(str(tmp_path / "good"), expected)
+  np.testing.assert_array_equal(loaded["patch_embedding"]["kernel"], good["patch_embedding"]["kernel"])
+
+
+MICRO_OVERRIDES = {
+    "video.height": 32, "video.width": 32, "video.num_frames": 9, "tracks.grid": 8, "tracks.min_tracks": 8,
+    "tracks.max_tracks": 16, "model.dim": 32, "model.num_layers": 1, "model.num_heads": 2, "model.ffn_dim": 64,
+    "model.text_len": 4, "data.num_train": 4,
+    "data.num_validation": 2, "train.batch_size": 2, "train.log_every": 1, "eval.batch_size": 2,
+}
+
+
+def _train_py(tmp_path, overrides, preset="tiny"):
+  args = [sys.executable, os.path.join(REPO, "train.py"), f"--config={REPO}/configs/teacher.py:{preset}",
+          f"--config.workdir={tmp_path / 'run'}", f"--config.data.data_dir={tmp_path / 'data'}"]
+  args += [f"--config.{key}={value}" for key, value in overrides.items()]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result.stdout + result.stderr
+
+
+def test_train_py_runs_the_teacher_end_to_end(tmp_path):
+  output = _train_py(tmp_path, dict(MICRO_OVERRIDES, **{"train.steps": 2, "train.eval_every": 0}))
+  assert re.search(r"step 2: .*loss=", output)
+  assert os.path.isdir(tmp_path / "run" / loop.CHECKPOINT_SUBDIR / "2")
+  assert glob.glob(str(tmp_path / "run" / loop.TENSORBOARD_SUBDIR / "events.out.tfevents.*"))
+
+
+def test_unknown_stage_and_missing_config_fail_cleanly(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  missing = subprocess.run([sys.executable, os.path.join(REPO, "train.py")], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)
+  assert missing.returncode == 2 and "--config is required" in missing.stderr
+  bad = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), f"--config={REPO}/configs/teacher.py",
+                        "--config.stage=pretrain"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert bad.returncode == 2 and "config.stage must be one of" in bad.stderr
+
+
+@pytest.mark.slow
+def test_tiny_teacher_learns_writes_samples_and_resumes(tmp_path):
+  overrides = {"data.num_train": 16, "data.num_validation": 4, "train.steps": 30, "train.eval_every": 15,
+               "train.checkpoint_every": 15, "train.log_every": 5, "optim.warmup_steps": 5,
+               "optim.learning_rate": 1e-3, "guidance.num_steps": 4}
+  output = _train_py(tmp_path, overrides)
+  val = [float(v) for v in re.findall(r"eval/val_loss=([0-9.eE+-]+)", output)]
+  assert len(val) == 2 and val[1] < val[0], output[-3000:]
+  gifs = sorted(glob.glob(str(tmp_path / "run" / teacher.SAMPLES_SUBDIR / "*.gif")))
+  assert [os.path.basename(g) for g in gifs] == ["step_0000015.gif", "step_0000030.gif"]
+  output = _train_py(tmp_path, dict(overrides, **{"train.steps": 32}))
+  assert "at step 30" in output and re.search(r"step 32: .*loss=", output)
+
