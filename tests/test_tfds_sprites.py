@@ -63,3 +63,9 @@ def test_builder_config_from_preset_matches_its_video():
 def test_train_split_may_not_reach_validation_seeds():
   with pytest.raises(ValueError, match="n_train must be in"):
     tfds_sprites.SpritesBuilderConfig(name="too_big", n_train=tfds_sprites.VALIDATION_SEED_OFFSET + 1)
+
+
+def test_a_split_too_big_for_the_write_buffer_is_refused_up_front():
+  """Without TensorFlow tfds cannot spill a split to disk: refuse it before rendering anything."""
+  with pytest.raises(ValueError, match=r"tfds' in-memory write buffer .* use at most \d+ clips per split"):
+    tfds_sprites.SpritesBuilderConfig(name="huge", sprites=sprites.SpritesConfig(), n_train=20_000, n_val=4)

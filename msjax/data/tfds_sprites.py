@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from msjax.data.sprites import Clip, SpritesConfig, render_clip
 
@@ -48,6 +49,19 @@ class SpritesBuilderConfig(tfds.core.BuilderConfig):
                        f"train seeds stay below the validation seeds, got {self.n_train}")
     if self.n_val < 0:
       raise ValueError(f"sprites config {self.name!r}: n_val must be >= 0, got {self.n_val}")
+    split_bytes = max(self.n_train, self.n_val) * self.example_track_bytes()
+    if split_bytes > tfds_shuffle.MAX_MEM_BUFFER_SIZE:
+      fitting = tfds_shuffle.MAX_MEM_BUFFER_SIZE // self.example_track_bytes()
+      raise ValueError(f"sprites config {self.name!r}: a split of {max(self.n_train, self.n_val)} clips holds "
+                       f"{split_bytes / 2**30:.2f} GiB of tracks, more than tfds' in-memory write buffer "
+                       f"({tfds_shuffle.MAX_MEM_BUFFER_SIZE / 2**30:.2f} GiB), and spilling it to disk needs "
+                       f"TensorFlow; use at most {fitting} clips per split")
+
+  def example_track_bytes(self) -> int:
+    """Serialized bytes of one clip's tracks and visibility (the bulk of an example: the video is zlib'd)."""
+    s = self.sprites
+    points = s.num_frames * s.grid * s.grid
+    return points * (2 * np.dtype(np.float32).itemsize + np.dtype(np.bool_).itemsize)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, *, n_train: int, n_val: int,
@@ -97,7 +111,7 @@ class Sprites(ArrayRecordBuilder):
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [
       SpritesBuilderConfig(name="tiny_test", description="32x32, 9 frames, 8 + 4 clips: for tests."),
-      SpritesBuilderConfig(name="toy64", sprites=SpritesConfig(), n_train=20_000, n_val=256,
+      SpritesBuilderConfig(name="toy64", sprites=SpritesConfig(), n_train=8_000, n_val=256,
                            description="The `tiny` preset's clips: 64x64, 45 frames, 16x16 tracks."),
   ]
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import warnings
 import zipfile
 from typing import Any, BinaryIO, Callable
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from msjax import config_utils
+from msjax import io_utils
 
 EMBED_BASE = 10000.0  # geometric frequency base of the ID embedding (the transformer's)
 VISIBLE_THRESHOLD = 0.5  # a visibility value above this counts as visible
@@ -191,20 +191,10 @@ def load_tracks(path: str | os.PathLike, *, height: int | None = None, width: in
 
 
 def _atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
-  """Writes through a temporary file in the same directory, so readers never see a half-written file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(directory):
-    raise TracksError(f"{path}: cannot write, directory {directory} does not exist")
-  handle, temp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
   try:
-    with os.fdopen(handle, "wb") as f:
-      write(f)
-    os.chmod(temp_path, 0o644)
-    os.replace(temp_path, path)
-  except BaseException:
-    if os.path.exists(temp_path):
-      os.unlink(temp_path)
-    raise
+    io_utils.atomic_write(path, write)
+  except FileNotFoundError as e:
+    raise TracksError(str(e)) from e
 
 
 def save_tracks(path: str | os.PathLike, tracks: Tracks) -> None:

@@ -5,7 +5,8 @@
 Writes DIR/report.json (every metric per clip and aggregated, for the generator and the first-frame and
 true-video baselines) and DIR/samples.gif (true | generated | baseline), and prints a summary table.
 Generators are looked up in the registry of `msjax.eval.register_generator`; `first_frame` and `true_video`
-are built in, model samplers register theirs when imported (name their modules in --generator_modules).
+are built in; the model generators of `msjax.eval.generators` (teacher, student) are imported by default, and other
+modules can register theirs (name them in --generator_modules).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/sample.py",
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory for model generators (default: "
                                   "config.checkpoint when the config has one).")
 _GENERATOR = flags.DEFINE_string("generator", sprites_eval.FIRST_FRAME, "Registered generator to evaluate.")
-_GENERATOR_MODULES = flags.DEFINE_list("generator_modules", [], "Modules to import first; they register "
+_GENERATOR_MODULES = flags.DEFINE_list("generator_modules", ["msjax.eval.generators"], "Modules to import first; they register "
                                        "generators with msjax.eval.register_generator.")
 _NUM_CLIPS = flags.DEFINE_integer("num_clips", 100, "Held-out clips to evaluate.")
 _SEED_START = flags.DEFINE_integer("seed_start", sprites_eval.EVAL_SEED_START, "First held-out seed.")

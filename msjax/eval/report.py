@@ -7,16 +7,15 @@ background; static background tracks are left out so they do not cover the frame
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 from typing import Any, Sequence
 
 import chex
-import imageio.v3 as iio
 import numpy as np
 
+from msjax import io_utils
 from msjax.data import tracks as tracks_lib
 from msjax.eval import sprites_eval
 
@@ -26,13 +25,7 @@ GRID_MP4 = "samples.mp4"
 GRID_COLUMNS = ("true", "generated", "baseline")
 SAMPLES_KEY = "samples"  # arrays in an `evaluate` result; not part of the JSON
 SEPARATOR_LEVEL = 255  # white lines between grid cells
-MS_PER_SECOND = 1000.0
 UINT8_MAX = 255
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tracks_lib._atomic_write(path, lambda f: f.write(data))  # pylint: disable=protected-access
 
 
 def json_ready(value: Any) -> Any:
@@ -53,7 +46,7 @@ def json_ready(value: Any) -> Any:
 def write_json(path: str, result: dict[str, Any]) -> None:
   """Writes an `evaluate` result (without its sample videos) atomically as strict JSON."""
   text = json.dumps(json_ready(result), indent=1, allow_nan=False)
-  _atomic_write_bytes(path, (text + "\n").encode())
+  io_utils.atomic_write_bytes(path, (text + "\n").encode())
 
 
 def _draw_tracks(frames: np.ndarray, tracks: tracks_lib.Tracks, scale: int) -> np.ndarray:
@@ -105,25 +98,8 @@ def _join(videos: list[np.ndarray], axis: int) -> np.ndarray:
   return np.concatenate(parts, axis=axis)
 
 
-def mp4_available() -> bool:
-  return importlib.util.find_spec("imageio_ffmpeg") is not None
-
-
-def write_video(path: str, frames: np.ndarray, fps: float) -> None:
-  """Writes uint8 [T, H, W, 3] atomically as GIF (Pillow) or mp4 (imageio-ffmpeg), chosen by the suffix."""
-  chex.assert_rank(frames, 4)
-  suffix = os.path.splitext(path)[1].lower()
-  if suffix == ".gif":
-    data = iio.imwrite("<bytes>", frames, extension=suffix, duration=MS_PER_SECOND / fps, loop=0)
-  elif suffix == ".mp4":
-    if not mp4_available():
-      raise RuntimeError(f"{path}: writing mp4 needs the imageio-ffmpeg package, which is not installed")
-    # H.264 in yuv420p stores colour at half resolution, so both sides must be even.
-    even = [(0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)]
-    data = iio.imwrite("<bytes>", np.pad(frames, even, mode="edge"), extension=suffix, fps=fps, macro_block_size=1)
-  else:
-    raise ValueError(f"{path}: expected a .gif or .mp4 path, found suffix {suffix!r}")
-  _atomic_write_bytes(path, data)
+mp4_available = io_utils.mp4_available
+write_video = io_utils.write_video
 
 
 def write_report(out_dir: str, result: dict[str, Any], *, fps: float, scale: int = 2,

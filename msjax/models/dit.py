@@ -607,3 +607,21 @@ class WanDiT(nn.Module):
     scan = self._scan(_block_body(collect_kv), in_axes=(nn.broadcast, 0))
     x, chunk_kv = scan(self.blocks, tokens, shared, layers)
     return self._unpatchify(self.head(x, e), grid), chunk_kv
+
+
+def example_inputs(config: ml_collections.ConfigDict, batch_size: int) -> tuple[jax.Array, jax.Array,
+                                                                             track_head_lib.Conditioning]:
+  """Zero (latents, t, conditioning) of a full clip for `config`: what `init` and shape checks need.
+
+  Optional inputs are present exactly when the config uses them (image channels, tracks, CLIP tokens).
+  """
+  geo = config_utils.geometry(config)
+  m = config.model
+  latents = jnp.zeros((batch_size, geo.latent_frames, geo.latent_height, geo.latent_width, geo.latent_channels))
+  cond = track_head_lib.Conditioning(
+      context=jnp.zeros((batch_size, m.text_len, m.text_dim)),
+      first_latent=None if m.image_condition == "none" else latents[:, 0],
+      track_grid=(jnp.zeros((batch_size, geo.num_frames, geo.latent_height, geo.latent_width,
+                             config.tracks.embed_dim)) if m.track_channels > 0 else None),
+      image_tokens=(jnp.zeros((batch_size, m.image_tokens, m.image_embed_dim)) if m.image_cross_attn else None))
+  return latents, jnp.zeros((batch_size,)), cond

@@ -19,12 +19,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import tempfile
 from typing import Any, Callable
 
 import chex
 from flax import traverse_util
-import imageio.v2 as imageio
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,6 +32,8 @@ import tensorflow_datasets as tfds
 
 from msjax import codecs
 from msjax import config_utils
+from msjax import inference
+from msjax import io_utils
 from msjax.data import pipeline
 from msjax.diffusion import flow
 from msjax.diffusion import guidance
@@ -49,7 +49,6 @@ TEXT_PARAMS = "text"
 SAMPLES_SUBDIR = "samples"
 # Codecs whose decoder needs no weights, so the eval hook can turn samples into GIFs on its own.
 WEIGHTLESS_CODECS = ("pack",)
-UINT8_MAX = 255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,23 +176,11 @@ def teacher_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, mo
   return loss, {"timestep_mean": jnp.mean(t)}
 
 
-def model_inputs_like(config: ml_collections.ConfigDict, batch_size: int) -> tuple[jax.Array, jax.Array,
-                                                                                   Conditioning]:
-  """Zero inputs of the right shapes, for `init` and shape checks."""
-  geo = config_utils.geometry(config)
-  latents = jnp.zeros((batch_size, geo.latent_frames, geo.latent_height, geo.latent_width, geo.latent_channels))
-  grid = jnp.zeros((batch_size, geo.num_frames, geo.latent_height, geo.latent_width, config.tracks.embed_dim))
-  context = jnp.zeros((batch_size, config.model.text_len, config.model.text_dim))
-  objective = TeacherObjective.from_config(config)
-  cond = conditioning({"first_latent": latents[:, 0], "track_grid": grid}, context, objective)
-  return latents, jnp.zeros((batch_size,)), cond
-
-
 def init_params(config: ml_collections.ConfigDict, model: dit.WanDiT, text_encoder: text_lib.TextEncoder,
                 rng: jax.Array) -> dict[str, Any]:
   """Fresh stage params: {'dit': ...} plus {'text': ...} for a trainable text encoder."""
   dit_rng, text_rng = jax.random.split(rng)
-  params = {DIT_PARAMS: model.init(dit_rng, *model_inputs_like(config, 1))["params"]}
+  params = {DIT_PARAMS: model.init(dit_rng, *dit.example_inputs(config, 1))["params"]}
   if text_encoder.trainable:
     params[TEXT_PARAMS] = text_encoder.init_params(text_rng)
   return params
@@ -243,25 +230,6 @@ def sample(model: dit.WanDiT, dit_params: Any, noise: jax.Array, cond: Condition
                                     guidance_config.text_scale, guidance_config.motion_scale)
 
   return flow.euler_sample(velocity_fn, noise, flow.euler_timesteps(guidance_config.num_steps, shift))
-
-
-def _to_uint8_frames(video: np.ndarray) -> np.ndarray:
-  return np.clip(np.round((video + 1.0) * (UINT8_MAX / 2.0)), 0, UINT8_MAX).astype(np.uint8)
-
-
-def write_gif(path: str, frames: np.ndarray, fps: int) -> None:
-  """[T, H, W, 3] uint8 -> GIF, written atomically (temp file in the same folder, then rename)."""
-  directory = os.path.dirname(path) or "."
-  os.makedirs(directory, exist_ok=True)
-  handle, temp_path = tempfile.mkstemp(suffix=".gif", dir=directory)
-  os.close(handle)
-  try:
-    imageio.mimsave(temp_path, list(frames), format="GIF", duration=1.0 / fps, loop=0)
-    os.replace(temp_path, path)
-  except BaseException:
-    if os.path.exists(temp_path):
-      os.remove(temp_path)
-    raise
 
 
 class TeacherEval:
@@ -329,17 +297,15 @@ class TeacherEval:
     directory = os.path.join(self.workdir, SAMPLES_SUBDIR)
     os.makedirs(directory, exist_ok=True)
     if self.config.codec.name not in WEIGHTLESS_CODECS:
-      handle, temp_path = tempfile.mkstemp(suffix=".npy", dir=directory)
-      os.close(handle)
-      np.save(temp_path, latents)
-      os.replace(temp_path, os.path.join(directory, f"step_{step:07d}.npy"))
+      io_utils.save_npy(os.path.join(directory, f"step_{step:07d}.npy"), latents)
       return
     codec = codecs.make_codec(self.config)
     truth = np.asarray(codec.decode(None, self.batch["latents"][:self.num_samples]))
     generated = np.asarray(codec.decode(None, jnp.asarray(latents)))
     side_by_side = np.concatenate([truth, generated], axis=3)  # [N, T, H, 2W, 3]
     frames = np.concatenate(list(side_by_side), axis=1)  # samples stacked vertically
-    write_gif(os.path.join(directory, f"step_{step:07d}.gif"), _to_uint8_frames(frames), self.config.video.fps)
+    io_utils.write_video(os.path.join(directory, f"step_{step:07d}.gif"), inference.to_uint8(frames),
+                         self.config.video.fps)
 
 
 # ---- the stage ----------------------------------------------------------------------------------------------

@@ -1,0 +1,81 @@
+"""Model generators for `python -m msjax.eval`: each turns (first frame, prompt, tracks) into a video.
+
+  teacher   the bidirectional teacher over the whole clip: Euler over `config.guidance.num_steps` shifted steps
+            with `config.guidance.mode` guidance (joint | cfg | none), text and motion scales from the config.
+
+The checkpoint (`--checkpoint`: an exported model or a training workdir) must hold a model of the configured
+preset. Track IDs and the initial noise are drawn per clip from `config.seed`, so a report is reproducible.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from msjax import config_utils
+from msjax import inference
+from msjax.data import tracks as tracks_lib
+from msjax.eval import sprites_eval
+from msjax.models import dit
+from msjax.train import teacher as teacher_lib
+
+TEACHER = "teacher"
+DEFAULT_GUIDANCE = dict(mode="joint", text_scale=3.0, motion_scale=1.5, num_steps=50)
+
+
+def guidance_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config's guidance section, or the paper's defaults when the config (e.g. a sampler's) has none."""
+  if "guidance" in config:
+    return config.guidance
+  return ml_collections.ConfigDict(DEFAULT_GUIDANCE)
+
+
+def teacher_generator(context: sprites_eval.GeneratorContext) -> sprites_eval.GenerateFn:
+  """Full-clip teacher sampling with guidance; compiled once, then one call per clip."""
+  config = context.config
+  if not context.checkpoint:
+    raise sprites_eval.GeneratorError("the teacher generator needs --checkpoint (a training workdir such as "
+                                      "runs/teacher_tiny, or an exported model folder)")
+  try:
+    model = inference.load_model(context.checkpoint, config)
+  except inference.ModelError as e:
+    raise sprites_eval.GeneratorError(str(e)) from e
+  guide = guidance_config(config)
+  if "flow" not in config:
+    raise sprites_eval.GeneratorError("the teacher generator samples with the teacher's flow shift: pass "
+                                      "--config configs/teacher.py[:preset]")
+  shift = float(config.flow.shift)
+  network = dit.WanDiT(model.spec)
+  geo = config_utils.geometry(config)
+  seed = int(config.get("seed", 0))
+  print(f"teacher: {model.stage} from {context.checkpoint}, guidance {guide.mode} (text {guide.text_scale}, "
+        f"motion {guide.motion_scale}), {guide.num_steps} Euler steps, shift {shift}")
+
+  @jax.jit
+  def sample_latents(params, noise, cond, null):
+    return teacher_lib.sample(network, params, noise, cond, null, guide, shift)
+
+  def generate(first_frame: np.ndarray, prompt: str, tracks: tracks_lib.Tracks, num_frames: int) -> np.ndarray:
+    if tracks.num_frames != num_frames:
+      raise sprites_eval.GeneratorError(f"teacher: tracks have {tracks.num_frames} frames, asked for {num_frames}")
+    latent_frames = config_utils.latent_frames(num_frames, config.codec.temporal_stride)
+    clip_seed = (seed + zlib.crc32(np.ascontiguousarray(first_frame).tobytes())) % 2**31  # per clip, reproducible
+    context_emb, null = inference.encode_prompt(model, [prompt])
+    cond = inference.conditioning(model, context_emb, inference.first_latent(model, first_frame),
+                                  inference.track_grid(tracks, config, seed=clip_seed))
+    noise = jax.random.normal(jax.random.PRNGKey(clip_seed),
+                              (1, latent_frames, geo.latent_height, geo.latent_width, geo.latent_channels))
+    latents = sample_latents(model.dit_params, noise, cond, null)
+    if config.model.image_condition == "replace":
+      latents = latents.at[:, 0].set(cond.first_latent)
+    video = model.codec.decode(model.codec_params, latents)
+    return inference.to_uint8(video[0])
+
+  return generate
+
+
+sprites_eval.register_generator(TEACHER, teacher_generator)

@@ -1,0 +1,86 @@
+"""Writing files so that nobody ever sees half of one: every output of msjax goes through here.
+
+A file is written to a temporary name in its own directory and renamed over the target (atomic on POSIX), so
+a crash, a full disk or Ctrl-C leaves either the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import tempfile
+from typing import BinaryIO, Callable
+
+import chex
+import imageio.v3 as iio
+import numpy as np
+
+MS_PER_SECOND = 1000.0
+VIDEO_SUFFIXES = (".gif", ".mp4")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, make_dirs: bool = False) -> None:
+  """Calls `write(f)` on a temporary file next to `path`, then renames it to `path`.
+
+  Without `make_dirs`, a missing directory is an error (FileNotFoundError naming it) rather than created.
+  """
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  if make_dirs:
+    os.makedirs(directory, exist_ok=True)
+  elif not os.path.isdir(directory):
+    raise FileNotFoundError(f"{path}: cannot write, directory {directory} does not exist")
+  handle, temp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(handle, "wb") as f:
+      write(f)
+    os.chmod(temp_path, 0o644)
+    os.replace(temp_path, path)
+  except BaseException:
+    if os.path.exists(temp_path):
+      os.unlink(temp_path)
+    raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """`data` to `path` atomically, creating the directory if needed."""
+  atomic_write(path, lambda f: f.write(data), make_dirs=True)
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+  """`np.save` to `path` atomically, creating the directory if needed."""
+  buffer = io.BytesIO()
+  np.save(buffer, np.asarray(array), allow_pickle=False)
+  atomic_write_bytes(path, buffer.getvalue())
+
+
+def mp4_available() -> bool:
+  return importlib.util.find_spec("imageio_ffmpeg") is not None
+
+
+def encode_video(frames: np.ndarray, suffix: str, fps: float) -> bytes:
+  """uint8 [T, H, W, 3] -> the bytes of a GIF (Pillow) or an H.264 mp4 (imageio-ffmpeg)."""
+  chex.assert_rank(frames, 4)
+  if frames.dtype != np.uint8:
+    raise TypeError(f"video frames must be uint8, got {frames.dtype}")
+  if suffix == ".gif":
+    return iio.imwrite("<bytes>", frames, extension=suffix, duration=MS_PER_SECOND / fps, loop=0)
+  if suffix == ".mp4":
+    if not mp4_available():
+      raise RuntimeError("writing mp4 needs the imageio-ffmpeg package, which is not installed; write a .gif")
+    # H.264 in yuv420p stores colour at half resolution, so both sides must be even.
+    even = [(0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)]
+    return iio.imwrite("<bytes>", np.pad(frames, even, mode="edge"), extension=suffix, fps=fps, macro_block_size=1)
+  raise ValueError(f"expected a video suffix in {VIDEO_SUFFIXES}, found {suffix!r}")
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:
+  """Writes uint8 [T, H, W, 3] atomically as GIF or mp4, chosen by the suffix of `path`."""
+  path = os.fspath(path)
+  suffix = os.path.splitext(path)[1].lower()
+  try:
+    data = encode_video(frames, suffix, fps)
+  except (RuntimeError, ValueError) as e:
+    raise type(e)(f"{path}: {e}") from e
+  atomic_write_bytes(path, data)

@@ -1,0 +1,104 @@
+"""Model loading/exporting and the conditioning built from user inputs (msjax.inference), and the teacher
+generator of `python -m msjax.eval`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from configs import models
+from msjax import inference
+from msjax.data import sprites
+from msjax.data import tracks as tracks_lib
+from msjax.eval import generators
+from msjax.eval import sprites_eval
+
+
+def small_config(preset: str = "tiny"):
+  config = models.get_preset(preset)
+  config.video.num_frames = 9  # 3 latent frames
+  config.model.update(dim=32, num_layers=1, num_heads=2, ffn_dim=64, text_len=16)
+  config.text.update(width=32, num_layers=1, num_heads=2)
+  config.seed = 0
+  return config
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  config = small_config()
+  model = inference.random_model(config, seed=3)
+  out = str(tmp_path_factory.mktemp("models") / "tiny_random")
+  inference.save_model(out, {"dit": model.dit_params, "text": model.text_params}, config,
+                       {"stage": "teacher", "step": 7, "source": "test"})
+  return config, model, out
+
+
+def test_export_round_trip_keeps_every_parameter(exported):
+  config, model, out = exported
+  loaded = inference.load_model(out, small_config())
+  assert loaded.stage == "teacher"
+  chex.assert_trees_all_equal(loaded.dit_params, model.dit_params)
+  chex.assert_trees_all_equal(loaded.text_params, model.text_params)
+  assert sorted(os.listdir(os.path.dirname(out))) == ["tiny_random"]  # no staging folder left behind
+  with open(os.path.join(out, inference.MODEL_FILE)) as f:
+    assert json.load(f)["step"] == 7
+
+
+def test_checkpoint_of_another_model_is_refused_with_the_differences(exported):
+  _, _, out = exported
+  other = small_config()
+  other.model.dim = 64
+  with pytest.raises(inference.ModelError, match=r"model\.dim: checkpoint 32, config 64"):
+    inference.load_model(out, other)
+  with pytest.raises(inference.ModelError, match="no such checkpoint folder"):
+    inference.load_model(out + "_missing", other)
+
+
+def test_track_grid_is_seeded_and_places_points_in_their_cells():
+  config = small_config()
+  points = np.zeros((9, 1, 2), np.float32)
+  points[:, 0] = [13.0, 42.0]  # pixel (x=13, y=42) -> cell (row 10, column 3) at stride 4
+  tracks = tracks_lib.Tracks(points=points, visible=np.ones((9, 1), bool))
+  grid = inference.track_grid(tracks, config, seed=1)
+  chex.assert_shape(grid, (9, 16, 16, config.tracks.embed_dim))
+  assert np.count_nonzero(np.abs(grid).sum(-1)) == 9
+  assert np.abs(grid[:, 10, 3]).sum() > 0
+  np.testing.assert_array_equal(grid, inference.track_grid(tracks, config, seed=1))
+  assert not np.array_equal(grid, inference.track_grid(tracks, config, seed=2))  # another ID
+
+
+def test_first_latent_is_the_codec_encoding_of_the_frame(exported):
+  config, model, _ = exported
+  clip = sprites.render_clip(5, sprites_eval.world_config(config))
+  latent = inference.first_latent(model, clip.video[0])
+  decoded = model.codec.decode(None, latent[None, None])
+  np.testing.assert_array_equal(inference.to_uint8(decoded[0, 0]), clip.video[0])
+
+
+def test_teacher_generator_returns_the_asked_for_video(exported):
+  config, _, out = exported
+  config.guidance = generators.guidance_config(config)
+  config.guidance.num_steps = 2
+  config.flow = {"shift": 6.0}
+  world = sprites_eval.world_config(config)
+  context = sprites_eval.GeneratorContext(config=config, checkpoint=out, world=world, seeds=(5,))
+  generate = sprites_eval.make_generator(generators.TEACHER, context)
+  clip = sprites.render_clip(5, world)
+  video = generate(clip.video[0], clip.prompt, sprites_eval.clip_tracks(clip), world.num_frames)
+  chex.assert_shape(video, clip.video.shape)
+  assert video.dtype == np.uint8
+  again = generate(clip.video[0], clip.prompt, sprites_eval.clip_tracks(clip), world.num_frames)
+  np.testing.assert_array_equal(video, again)  # noise and track IDs are seeded per clip
+
+
+def test_teacher_generator_without_checkpoint_says_so():
+  config = small_config()
+  context = sprites_eval.GeneratorContext(config=config, checkpoint="", world=sprites_eval.world_config(config),
+                                          seeds=(5,))
+  with pytest.raises(sprites_eval.GeneratorError, match="needs --checkpoint"):
+    sprites_eval.make_generator(generators.TEACHER, context)
