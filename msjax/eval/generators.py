@@ -73,7 +73,7 @@ def teacher_generator(context: sprites_eval.GeneratorContext) -> sprites_eval.Ge
     if config.model.image_condition == "replace":
       latents = latents.at[:, 0].set(cond.first_latent)
     video = model.codec.decode(model.codec_params, latents)
-    return inference.to_uint8(video[0])
+    return np.asarray(inference.to_uint8(video[0]))
 
   return generate
 

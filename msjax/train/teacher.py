@@ -218,9 +218,9 @@ def make_train_step(model: dit.WanDiT, text_encoder: text_lib.TextEncoder, objec
 # ---- sampling and evaluation ------------------------------------------------------------------------------
 
 
-def sample(model: dit.WanDiT, dit_params: Any, noise: jax.Array, cond: Conditioning, null_context: jax.Array,
-           guidance_config: ml_collections.ConfigDict, shift: float) -> jax.Array:
-  """Teacher sampling: Euler over `guidance_config.num_steps` shifted steps with guided velocities."""
+def guided_velocity_fn(model: dit.WanDiT, dit_params: Any, cond: Conditioning, null_context: jax.Array,
+                       guidance_config: ml_collections.ConfigDict) -> flow.VelocityFn:
+  """The teacher's guided velocity `v(z, t)` (mode and scales from `guidance_config`), for any flow sampler."""
 
   def apply_fn(x, t, c):
     return model.apply({"params": dit_params}, x, t, c)
@@ -229,6 +229,13 @@ def sample(model: dit.WanDiT, dit_params: Any, noise: jax.Array, cond: Condition
     return guidance.guided_velocity(apply_fn, z, t, cond, null_context, guidance_config.mode,
                                     guidance_config.text_scale, guidance_config.motion_scale)
 
+  return velocity_fn
+
+
+def sample(model: dit.WanDiT, dit_params: Any, noise: jax.Array, cond: Conditioning, null_context: jax.Array,
+           guidance_config: ml_collections.ConfigDict, shift: float) -> jax.Array:
+  """Teacher sampling: Euler over `guidance_config.num_steps` shifted steps with guided velocities."""
+  velocity_fn = guided_velocity_fn(model, dit_params, cond, null_context, guidance_config)
   return flow.euler_sample(velocity_fn, noise, flow.euler_timesteps(guidance_config.num_steps, shift))
 
 
@@ -294,18 +301,25 @@ class TeacherEval:
     return scalars
 
   def _write_sample(self, step: int, latents: np.ndarray) -> None:
-    directory = os.path.join(self.workdir, SAMPLES_SUBDIR)
-    os.makedirs(directory, exist_ok=True)
-    if self.config.codec.name not in WEIGHTLESS_CODECS:
-      io_utils.save_npy(os.path.join(directory, f"step_{step:07d}.npy"), latents)
-      return
-    codec = codecs.make_codec(self.config)
-    truth = np.asarray(codec.decode(None, self.batch["latents"][:self.num_samples]))
-    generated = np.asarray(codec.decode(None, jnp.asarray(latents)))
-    side_by_side = np.concatenate([truth, generated], axis=3)  # [N, T, H, 2W, 3]
-    frames = np.concatenate(list(side_by_side), axis=1)  # samples stacked vertically
-    io_utils.write_video(os.path.join(directory, f"step_{step:07d}.gif"), inference.to_uint8(frames),
-                         self.config.video.fps)
+    write_sample(self.config, self.workdir, step, self.batch["latents"][:self.num_samples], latents)
+
+
+def write_sample(config: ml_collections.ConfigDict, workdir: str, step: int, reference: np.ndarray,
+                 latents: np.ndarray) -> None:
+  """`<workdir>/samples/step_<N>.gif`: reference | sample side by side, clips stacked vertically, when the codec
+  decodes without weights; otherwise the sample latents as `.npy`."""
+  directory = os.path.join(workdir, SAMPLES_SUBDIR)
+  os.makedirs(directory, exist_ok=True)
+  if config.codec.name not in WEIGHTLESS_CODECS:
+    io_utils.save_npy(os.path.join(directory, f"step_{step:07d}.npy"), latents)
+    return
+  codec = codecs.make_codec(config)
+  truth = np.asarray(codec.decode(None, jnp.asarray(reference)))
+  generated = np.asarray(codec.decode(None, jnp.asarray(latents)))
+  side_by_side = np.concatenate([truth, generated], axis=3)  # [N, T, H, 2W, 3]
+  frames = np.concatenate(list(side_by_side), axis=1)  # samples stacked vertically
+  io_utils.write_video(os.path.join(directory, f"step_{step:07d}.gif"), np.asarray(inference.to_uint8(frames)),
+                       config.video.fps)
 
 
 # ---- the stage ----------------------------------------------------------------------------------------------
