@@ -117,9 +117,13 @@ def test_schedule_clipping_decay_mask_and_ema():
   stepped = state_lib.apply_gradients(start, jax.tree.map(jnp.zeros_like, params), tx, ema_decay=0.75)
   np.testing.assert_array_equal(stepped.params["bias"], params["bias"])
   assert float(stepped.params["kernel"][0, 0]) == pytest.approx(1.0 - optim.learning_rate * 0.5, rel=1e-5)
+  # EMA warm-up: at step 0 the decay is min(0.75, 1/10); late in a run it is the configured 0.75.
   chex.assert_trees_all_close(stepped.ema_params,
-                              jax.tree.map(lambda p, q: 0.75 * p + 0.25 * q, params, stepped.params))
+                              jax.tree.map(lambda p, q: 0.1 * p + 0.9 * q, params, stepped.params))
   assert int(stepped.step) == 1
+  late = state_lib.apply_gradients(start.replace(step=jnp.asarray(1000, jnp.int32)),
+                                   jax.tree.map(jnp.zeros_like, params), tx, ema_decay=0.75)
+  chex.assert_trees_all_close(late.ema_params, jax.tree.map(lambda p, q: 0.75 * p + 0.25 * q, params, late.params))
   # Clipping: a huge gradient is cut to global norm grad_clip before Adam sees it.
   clip_only = optax.clip_by_global_norm(optim.grad_clip)
   clipped, _ = clip_only.update({"g": jnp.full((3,), 100.0)}, clip_only.init(None))
