@@ -41,7 +41,19 @@ def main(argv: list[str]) -> None:
       raise
     print(f"error: training stage {config.stage!r} is not implemented in this build yet", file=sys.stderr)
     sys.exit(1)
-  module.train(config)
+  try:
+    module.train(config)
+  except _user_errors() as e:  # a missing teacher, pairs folder or checkpoint, a bad config: no traceback
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+  """Errors that mean "fix your inputs or config", each carrying a message that says how."""
+  from msjax import config_utils, inference  # pylint: disable=g-import-not-at-top
+  from msjax.train import loop, ode_pairs  # pylint: disable=g-import-not-at-top
+  return (config_utils.ConfigError, inference.ModelError, loop.CheckpointMismatchError, ode_pairs.PairsError,
+          FileNotFoundError)
 
 
 if __name__ == "__main__":

@@ -102,3 +102,17 @@ def test_teacher_generator_without_checkpoint_says_so():
                                           seeds=(5,))
   with pytest.raises(sprites_eval.GeneratorError, match="needs --checkpoint"):
     sprites_eval.make_generator(generators.TEACHER, context)
+
+
+def test_student_generator_streams_the_clip_and_reports_chunk_times(exported):
+  config, _, out = exported
+  config.flow = {"shift": 6.0}
+  world = sprites_eval.world_config(config)
+  context = sprites_eval.GeneratorContext(config=config, checkpoint=out, world=world, seeds=(5,))
+  generate = sprites_eval.make_generator(generators.STUDENT, context)
+  clip = sprites.render_clip(5, world)
+  output = generate(clip.video[0], clip.prompt, sprites_eval.clip_tracks(clip), world.num_frames)
+  chex.assert_shape(output["video"], clip.video.shape)
+  assert output["video"].dtype == np.uint8
+  np.testing.assert_array_equal(output["video"][0], clip.video[0])  # the user's first frame is pinned
+  assert len(output["chunk_seconds"]) == 1 and output["chunk_seconds"][0] > 0  # 3 latent frames = 1 chunk

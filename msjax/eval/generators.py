@@ -2,6 +2,8 @@
 
   teacher   the bidirectional teacher over the whole clip: Euler over `config.guidance.num_steps` shifted steps
             with `config.guidance.mode` guidance (joint | cfg | none), text and motion scales from the config.
+  student   the causal student through the streaming sampler itself (`config.stream`: chunk, sink, window,
+            steps, RoPE mode), chunk by chunk; the report gets each chunk's latency too.
 
 The checkpoint (`--checkpoint`: an exported model or a training workdir) must hold a model of the configured
 preset. Track IDs and the initial noise are drawn per clip from `config.seed`, so a report is reproducible.
@@ -24,6 +26,7 @@ from msjax.models import dit
 from msjax.train import teacher as teacher_lib
 
 TEACHER = "teacher"
+STUDENT = "student"
 DEFAULT_GUIDANCE = dict(mode="joint", text_scale=3.0, motion_scale=1.5, num_steps=50)
 
 
@@ -78,4 +81,32 @@ def teacher_generator(context: sprites_eval.GeneratorContext) -> sprites_eval.Ge
   return generate
 
 
+def student_generator(context: sprites_eval.GeneratorContext) -> sprites_eval.GenerateFn:
+  """Streams each clip with one compiled `StreamSampler` (warmed up first, so latencies exclude compiling)."""
+  from msjax.stream import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  config = context.config
+  if not context.checkpoint:
+    raise sprites_eval.GeneratorError("the student generator needs --checkpoint (an exported student or a "
+                                      "distillation workdir)")
+  try:
+    model = inference.load_model(context.checkpoint, config)
+  except inference.ModelError as e:
+    raise sprites_eval.GeneratorError(str(e)) from e
+  sampler = sampler_lib.StreamSampler(model)
+  s = config.stream
+  print(f"student: {model.stage} from {context.checkpoint}, c{s.chunk_frames}s{s.sink_chunks}w{s.window_chunks}, "
+        f"{s.num_steps} steps, RoPE {s.rope_mode}; compiled in {sampler.warmup():.1f} s")
+  seed = int(config.get("seed", 0))
+
+  def generate(first_frame: np.ndarray, prompt: str, tracks: tracks_lib.Tracks, num_frames: int) -> dict:
+    clip_seed = (seed + zlib.crc32(np.ascontiguousarray(first_frame).tobytes())) % 2**31
+    chunks = list(sampler_lib.stream_chunks(model, first_frame, prompt, tracks, num_frames, seed=clip_seed,
+                                            sampler=sampler))
+    return {"video": np.concatenate([chunk.frames for chunk in chunks]),
+            "chunk_seconds": [chunk.seconds for chunk in chunks]}
+
+  return generate
+
+
 sprites_eval.register_generator(TEACHER, teacher_generator)
+sprites_eval.register_generator(STUDENT, student_generator)

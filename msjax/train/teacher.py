@@ -325,7 +325,7 @@ def write_sample(config: ml_collections.ConfigDict, workdir: str, step: int, ref
 # ---- the stage ----------------------------------------------------------------------------------------------
 
 
-def _check_batch_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+def check_batch_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   train = config.train
   if train.batch_size % (train.grad_accum * mesh.size):
     raise ValueError(f"config.train.batch_size={train.batch_size} must be a multiple of grad_accum "
@@ -336,7 +336,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> stat
   """Trains the teacher for `config.train.steps` steps in `workdir` (default `config.workdir`), resuming."""
   workdir = workdir or config.workdir
   mesh = sharding.make_mesh(config.mesh)
-  _check_batch_config(config, mesh)
+  check_batch_config(config, mesh)
   objective = TeacherObjective.from_config(config)
   model = dit.WanDiT(dit.DiTSpec.from_config(config))
   text_encoder = text_lib.make_text_encoder(config)
