@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import jax
+import jax.numpy as jnp
 
 Params = Any
 DecodeState = Any
@@ -44,3 +45,24 @@ class Codec(Protocol):
                    is_first: bool) -> tuple[DecodeState, jax.Array]:
     """Decodes the next [B, f, h, w, C] chunk; `is_first` marks the chunk holding latent frame 0."""
     ...
+
+
+class StreamingDecoder:
+  """Mixin for codecs with learned, stateful streaming decoders (Wan VAE, TAEHV): the full decode and the
+  initial decode state both follow from the codec's `decode_chunk`, so the three can never disagree."""
+
+  latent_channels: int
+
+  def decode(self, params: Params, latents: jax.Array) -> jax.Array:
+    """[B, F, h, w, C] latents -> [B, 1 + s(F-1), H, W, 3] video: the whole clip as one first chunk."""
+    return self.decode_chunk(params, None, latents, is_first=True)[1]
+
+  def init_decode_state(self, params: Params, batch: int, latent_height: int, latent_width: int) -> DecodeState:
+    """Zeros shaped like the state a one-latent-frame first chunk leaves (fixed for every later chunk)."""
+    latents = jax.ShapeDtypeStruct((batch, 1, latent_height, latent_width, self.latent_channels), jnp.float32)
+    shapes = jax.eval_shape(lambda p, z: self.decode_chunk(p, None, z, is_first=True)[0], params, latents)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def decode_chunk(self, params: Params, state: DecodeState, latents: jax.Array,
+                   is_first: bool) -> tuple[DecodeState, jax.Array]:
+    raise NotImplementedError

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from msjax import config_utils
+from msjax.codecs import base
 from msjax.codecs import wan_vae
 
 Params = Any
@@ -246,7 +247,7 @@ class TAEHVModel(nn.Module):
 # The Codec.
 
 
-class TAEHVCodec:
+class TAEHVCodec(base.StreamingDecoder):
   """TAEHV behind `msjax.codecs.base.Codec`: [-1, 1] video, normalised Wan latents, Wan frame counts."""
 
   def __init__(self, config: TAEHVConfig = TAEW2_1):
@@ -280,16 +281,6 @@ class TAEHVCodec:
     chex.assert_shape(latents, (video.shape[0], config_utils.latent_frames(t, ts), h // s, w // s,
                                 self.latent_channels))
     return latents
-
-  def decode(self, params: Params, latents: jax.Array) -> jax.Array:
-    """[B, F, h, w, 16] normalised latents -> [B, 1+4(F-1), 8h, 8w, 3] video in [-1, 1]."""
-    return self.decode_chunk(params, None, latents, is_first=True)[1]
-
-  def init_decode_state(self, params: Params, batch: int, latent_height: int, latent_width: int) -> Cache:
-    """Zero past frames for every decoder MemBlock (fixed shapes for every chunk)."""
-    latents = jax.ShapeDtypeStruct((batch, 1, latent_height, latent_width, self.latent_channels), jnp.float32)
-    shapes = jax.eval_shape(lambda p, z: self.decode_chunk(p, None, z, is_first=True)[0], params, latents)
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
   def decode_chunk(self, params: Params, state: Cache, latents: jax.Array,
                    is_first: bool) -> tuple[Cache, jax.Array]:

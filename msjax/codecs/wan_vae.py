@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from msjax import config_utils
+from msjax.codecs import base
 
 Params = Any
 Cache = Any  # nested dict of arrays mirroring the module tree; None means "start of stream" (zeros)
@@ -405,7 +406,7 @@ class WanVAEModel(nn.Module):
 # The Codec.
 
 
-class WanVAECodec:
+class WanVAECodec(base.StreamingDecoder):
   """The Wan 2.1 VAE behind `msjax.codecs.base.Codec`, plus streaming encode.
 
   Streaming: the chunk holding frame 0 is `is_first` (1 + 4m video frames in, 1 + m latent frames; or
@@ -472,16 +473,6 @@ class WanVAECodec:
     return state, (mu - self._mean) / self._std
 
   # -- decode --
-  def decode(self, params: Params, latents: jax.Array) -> jax.Array:
-    """Normalised [B, F, h, w, 16] latents -> [B, 1+4(F-1), 8h, 8w, 3] video in [-1, 1]."""
-    return self.decode_chunk(params, None, latents, is_first=True)[1]
-
-  def init_decode_state(self, params: Params, batch: int, latent_height: int, latent_width: int) -> Cache:
-    """Zero decoder cache (one entry per causal conv) for latents of the given grid."""
-    latents = jax.ShapeDtypeStruct((batch, 1, latent_height, latent_width, self.latent_channels), jnp.float32)
-    shapes = jax.eval_shape(lambda p, z: self.decode_chunk(p, None, z, is_first=True)[0], params, latents)
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
   def decode_chunk(self, params: Params, state: Cache, latents: jax.Array,
                    is_first: bool) -> tuple[Cache, jax.Array]:
     """Decodes the next latent chunk; `is_first` starts a new stream (the given state is ignored)."""

@@ -30,6 +30,16 @@ STUDENT = "student"
 DEFAULT_GUIDANCE = dict(mode="joint", text_scale=3.0, motion_scale=1.5, num_steps=50)
 
 
+def _load(context: sprites_eval.GeneratorContext, name: str, expected: str) -> inference.Model:
+  """The generator's model from --checkpoint, with load problems reported as generator errors."""
+  if not context.checkpoint:
+    raise sprites_eval.GeneratorError(f"the {name} generator needs --checkpoint ({expected})")
+  try:
+    return inference.load_model(context.checkpoint, context.config)
+  except inference.ModelError as e:
+    raise sprites_eval.GeneratorError(str(e)) from e
+
+
 def guidance_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config's guidance section, or the paper's defaults when the config (e.g. a sampler's) has none."""
   if "guidance" in config:
@@ -40,13 +50,7 @@ def guidance_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 def teacher_generator(context: sprites_eval.GeneratorContext) -> sprites_eval.GenerateFn:
   """Full-clip teacher sampling with guidance; compiled once, then one call per clip."""
   config = context.config
-  if not context.checkpoint:
-    raise sprites_eval.GeneratorError("the teacher generator needs --checkpoint (a training workdir such as "
-                                      "runs/teacher_tiny, or an exported model folder)")
-  try:
-    model = inference.load_model(context.checkpoint, config)
-  except inference.ModelError as e:
-    raise sprites_eval.GeneratorError(str(e)) from e
+  model = _load(context, TEACHER, "a training workdir such as runs/teacher_tiny, or an exported model folder")
   guide = guidance_config(config)
   if "flow" not in config:
     raise sprites_eval.GeneratorError("the teacher generator samples with the teacher's flow shift: pass "
@@ -85,13 +89,7 @@ def student_generator(context: sprites_eval.GeneratorContext) -> sprites_eval.Ge
   """Streams each clip with one compiled `StreamSampler` (warmed up first, so latencies exclude compiling)."""
   from msjax.stream import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
   config = context.config
-  if not context.checkpoint:
-    raise sprites_eval.GeneratorError("the student generator needs --checkpoint (an exported student or a "
-                                      "distillation workdir)")
-  try:
-    model = inference.load_model(context.checkpoint, config)
-  except inference.ModelError as e:
-    raise sprites_eval.GeneratorError(str(e)) from e
+  model = _load(context, STUDENT, "an exported student or a distillation workdir")
   sampler = sampler_lib.StreamSampler(model)
   s = config.stream
   print(f"student: {model.stage} from {context.checkpoint}, c{s.chunk_frames}s{s.sink_chunks}w{s.window_chunks}, "
