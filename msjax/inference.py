@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 from typing import Any, Sequence
 
@@ -269,3 +270,26 @@ def conditioning(model: Model, context: jax.Array, first: jax.Array | None,
 def to_uint8(video: jax.Array | np.ndarray) -> jax.Array:
   """Codec pixels in [-1, 1] -> uint8 [0, 255]; jittable, so frames can leave the device 4x smaller."""
   return jnp.clip(jnp.round((jnp.asarray(video, jnp.float32) + 1.0) * (UINT8_MAX / 2)), 0, UINT8_MAX).astype(jnp.uint8)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m msjax.inference export SOURCE OUT [--stage S]`: a training workdir -> a shippable model folder."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog="python -m msjax.inference", description=main.__doc__)
+  commands = parser.add_subparsers(dest="command", required=True)
+  export = commands.add_parser("export", help="EMA params + config of SOURCE -> an exported model folder OUT")
+  export.add_argument("source", help="training workdir (newest checkpoint) or exported model folder")
+  export.add_argument("out", help="folder to write (replaced if it exists)")
+  export.add_argument("--stage", default=None, help="stage recorded in model.json (default: the source's)")
+  args = parser.parse_args(argv)
+  try:
+    out = export_model(args.source, args.out, stage=args.stage)
+  except ModelError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -116,3 +116,15 @@ def test_student_generator_streams_the_clip_and_reports_chunk_times(exported):
   assert output["video"].dtype == np.uint8
   np.testing.assert_array_equal(output["video"][0], clip.video[0])  # the user's first frame is pinned
   assert len(output["chunk_seconds"]) == 1 and output["chunk_seconds"][0] > 0  # 3 latent frames = 1 chunk
+
+
+def test_export_cli_copies_a_model_and_names_a_missing_source(exported, tmp_path, capsys):
+  _, model, out = exported
+  copy = str(tmp_path / "copy")
+  assert inference.main(["export", out, copy, "--stage", "student"]) == 0
+  loaded = inference.load_model(copy, small_config())
+  assert loaded.stage == "student"
+  chex.assert_trees_all_equal(loaded.dit_params, model.dit_params)
+  assert inference.main(["export", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+  assert "no such checkpoint folder" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "x")
