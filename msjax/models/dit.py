@@ -229,8 +229,9 @@ def _gate(y: jax.Array, gate: jax.Array) -> jax.Array:
   return (y * gate[:, :, None]).reshape(batch, tokens, dim)
 
 
-class SelfAttention(nn.Module):
-  """q/k/v/o projections with RMS-normed q and k across all heads (Wan's `qk_norm`)."""
+class _Projections(nn.Module):
+  """The q/k/v/o projections and the RMS norms of q and k across all heads (Wan's `qk_norm`) that self- and
+  cross-attention share, under Wan's parameter names."""
   spec: DiTSpec
 
   def setup(self):
@@ -246,6 +247,10 @@ class SelfAttention(nn.Module):
 
   def _heads(self, x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[:-1] + (self.spec.num_heads, self.spec.head_dim)).astype(self.spec.compute_dtype)
+
+
+class SelfAttention(_Projections):
+  """Self-attention projections: q and k are normed here, RoPE and the attention itself are the block's."""
 
   def project(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """[B, N, D] -> q, k, v [B, N, heads, head_dim] in the compute dtype (q, k normed, no RoPE yet)."""
@@ -259,28 +264,17 @@ class SelfAttention(nn.Module):
     return self.o(y.reshape(y.shape[:2] + (self.spec.dim,)))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Projections):
   """Attention from the video tokens to the text (and, for Wan 2.1 I2V, CLIP image) tokens; no RoPE, no mask."""
-  spec: DiTSpec
 
   def setup(self):
+    super().setup()
     s = self.spec
-    dtype = s.compute_dtype
-    self.q = _dense(s.dim, dtype)
-    self.k = _dense(s.dim, dtype)
-    self.v = _dense(s.dim, dtype)
-    self.o = _dense(s.dim, dtype)
-    if s.qk_norm:
-      self.norm_q = _rms_norm(s.eps)
-      self.norm_k = _rms_norm(s.eps)
     if s.image_cross_attn:
-      self.k_img = _dense(s.dim, dtype)
-      self.v_img = _dense(s.dim, dtype)
+      self.k_img = _dense(s.dim, s.compute_dtype)
+      self.v_img = _dense(s.dim, s.compute_dtype)
       if s.qk_norm:
         self.norm_k_img = _rms_norm(s.eps)
-
-  def _heads(self, x: jax.Array) -> jax.Array:
-    return x.reshape(x.shape[:-1] + (self.spec.num_heads, self.spec.head_dim)).astype(self.spec.compute_dtype)
 
   def text_kv(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Embedded text [B, text_len, D] -> K, V [B, text_len, heads, head_dim]."""
