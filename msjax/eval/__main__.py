@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from msjax.eval import report, sprites_eval
@@ -44,6 +44,8 @@ def _fail(message: str) -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; all options are --flags")
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint restore at INFO
+    logging.set_verbosity(logging.WARNING)
   if not _OUT.value:
     _fail("--out is required (the directory for report.json and samples.gif)")
   config = _CONFIG.value
