@@ -68,6 +68,11 @@ def _base() -> ml_collections.ConfigDict:
   c.model.attention = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
   c.model.remat = False
   c.model.scan_layers = True
+  # What the head predicts: 'velocity' (Wan, needed for converted weights) or 'x0', turned into the velocity
+  # (z_t - x0) / max(t, x0_min_t) inside the model, so every caller still sees a velocity. x0 is for models whose
+  # patch vector is wider than model.dim (the toy's pixel-packed latents): noise cannot pass that bottleneck.
+  c.model.prediction = "velocity"
+  c.model.x0_min_t = 0.05
 
   # Track conditioning (paper section 2).
   c.tracks = ml_collections.ConfigDict()
@@ -110,6 +115,7 @@ def tiny() -> ml_collections.ConfigDict:
   c.model.text_dim = 384  # = MiniLM-L6 width, so real sentence embeddings plug in
   c.model.text_len = 16
   c.model.track_channels = 32
+  c.model.prediction = "x0"  # patch vector 2 x 2 x 192 = 768 > dim 256
   c.tracks.grid = 16
   c.tracks.min_tracks = 64
   c.tracks.max_tracks = 256

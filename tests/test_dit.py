@@ -224,3 +224,26 @@ def test_remat_gradients_match():
   grads = jax.jit(jax.grad(loss), static_argnums=1)(params, model), jax.jit(jax.grad(loss), static_argnums=1)(
       params, other)
   chex.assert_trees_all_close(*grads, atol=1e-5)
+
+
+def test_x0_head_is_turned_into_the_flow_velocity():
+  """With model.prediction = 'x0' the head's output h gives v = (z_t - h) / max(t, x0_min_t), per frame."""
+  config = dit_fixtures.small_config()
+  config.model.prediction = "velocity"
+  velocity_model = dit.WanDiT(dit.DiTSpec.from_config(config))
+  config.model.prediction = "x0"
+  x0_model = dit.WanDiT(dit.DiTSpec.from_config(config))
+  latents, _, cond = dit.example_inputs(config, 2)
+  latents = jax.random.normal(jax.random.PRNGKey(1), latents.shape)
+  params = velocity_model.init(jax.random.PRNGKey(0), latents, jnp.zeros((2,)), cond)["params"]
+  # The head starts at zero; move every parameter so the head's output is not trivially 0.
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+  frames = latents.shape[1]
+  t = jnp.tile(jnp.linspace(0.0, 0.9, frames)[None], (2, 1))  # includes t = 0, clamped to x0_min_t
+  head = velocity_model.apply({"params": params}, latents, t, cond)
+  v = x0_model.apply({"params": params}, latents, t, cond)
+  expected = (latents - head) / jnp.maximum(t, config.model.x0_min_t)[:, :, None, None, None]
+  np.testing.assert_allclose(v, expected, rtol=1e-5, atol=1e-5)
+  config.model.prediction = "eps"
+  with pytest.raises(ValueError, match="model.prediction"):
+    dit.DiTSpec.from_config(config)

@@ -51,6 +51,7 @@ def _parity_config(image: bool):
   m.image_embed_dim = 24
   m.image_tokens = IMAGE_TOKENS
   m.dtype, m.attention = "float32", "xla"
+  m.prediction = "velocity"  # diffusers predicts the flow velocity
   config.codec.latent_channels = 4
   m.mask_channels = 4
   return config

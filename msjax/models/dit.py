@@ -11,7 +11,7 @@ Build it from a preset and call it functionally:
   latents  [B, F, h, w, C] float32 noisy latents (C = latent channels, h x w = latent grid)
   t        [B, F] flow time in [0, 1] per latent frame (the sinusoid sees t * TIMESTEP_SCALE, Wan's scale)
   cond     track_head.Conditioning (text context, optional first-frame latent, track grid, CLIP tokens)
-  out      [B, F, h, w, C] float32 model output (Wan's flow-velocity prediction)
+  out      [B, F, h, w, C] float32 flow velocity (Wan's prediction, or derived from an x0 head: model.prediction)
 
 The streamed path (`WanDiT.stream`, `WanDiT.cross_kv`) is driven by `kv_cache.py` (`init_cache`, `denoise`,
 `commit`); call those rather than the methods directly.
@@ -59,6 +59,9 @@ EMBED_INIT_STD = 0.02
 Params = Any
 
 
+PREDICTIONS = ("velocity", "x0")
+
+
 @dataclasses.dataclass(frozen=True)
 class DiTSpec:
   """The static description of a WanDiT (hashable, so it can live in a jit-static field)."""
@@ -87,12 +90,17 @@ class DiTSpec:
   attention: str
   remat: bool
   scan_layers: bool
+  prediction: str  # what the head outputs: velocity (Wan) | x0 (turned into a velocity, see WanDiT._velocity)
+  x0_min_t: float
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> DiTSpec:
     geo = config_utils.geometry(config)
     m = config.model
     attention.implementation_for(m.attention)  # validates the name early
+    prediction = m.prediction
+    if prediction not in PREDICTIONS:
+      raise config_utils.ConfigError(f"model.prediction must be one of {PREDICTIONS}, got {prediction!r}")
     return cls(
         dim=m.dim, num_layers=m.num_layers, num_heads=m.num_heads, head_dim=geo.head_dim, ffn_dim=m.ffn_dim,
         freq_dim=m.freq_dim, patch_size=tuple(m.patch_size), latent_channels=geo.latent_channels,
@@ -101,7 +109,7 @@ class DiTSpec:
         image_cross_attn=m.image_cross_attn, image_embed_dim=m.image_embed_dim, text_dim=m.text_dim,
         track_channels=m.track_channels, track_embed_dim=config.tracks.embed_dim,
         temporal_stride=config.codec.temporal_stride, dtype=m.dtype, attention=m.attention, remat=m.remat,
-        scan_layers=m.scan_layers)
+        scan_layers=m.scan_layers, prediction=prediction, x0_min_t=float(m.x0_min_t))
 
   @property
   def compute_dtype(self) -> jnp.dtype:
@@ -566,6 +574,19 @@ class WanDiT(nn.Module):
   def _rope(self, grid: tuple[int, int, int], frame_start: jax.Array | int) -> rope.RopeTable:
     return rope.rope_table(*grid, frame_start, self.spec.head_dim, self.spec.rope_theta)
 
+  def _velocity(self, out: jax.Array, latents: jax.Array, t: jax.Array) -> jax.Array:
+    """The head's output as a flow velocity. With `prediction == 'x0'` the head predicts the clean latent and
+    v = (z_t - x0) / max(t, x0_min_t): a clean toy video lies on a low-dimensional set that fits through a
+    residual stream narrower than the patch vector, while the noise inside v does not (JiT, Li & He 2025)."""
+    if self.spec.prediction == "velocity":
+      return out
+    batch, frames = latents.shape[:2]
+    t = jnp.asarray(t, jnp.float32)
+    t = jnp.broadcast_to(t[:, None], (batch, frames)) if t.ndim == 1 else t
+    chex.assert_shape(t, (batch, frames))
+    t = jnp.maximum(t, self.spec.x0_min_t)[:, :, None, None, None]
+    return (latents.astype(jnp.float32) - out) / t
+
   # ---- entry points --------------------------------------------------------------------------------------
 
   def __call__(self, latents: jax.Array, t: jax.Array, cond: track_head_lib.Conditioning,
@@ -577,7 +598,7 @@ class WanDiT(nn.Module):
                      image_context=image_context, window_order=None, window_rope=None, valid_keys=None)
     scan = self._scan(_block_body(collect_kv=False), in_axes=(nn.broadcast, 0))
     x, _ = scan(self.blocks, tokens, shared, None)
-    return self._unpatchify(self.head(x, e), grid)
+    return self._velocity(self._unpatchify(self.head(x, e), grid), latents, t)
 
   def cross_kv(self, cond: track_head_lib.Conditioning) -> CrossKV:
     """Every layer's cross-attention K/V for this conditioning (computed once per stream)."""
@@ -600,7 +621,7 @@ class WanDiT(nn.Module):
                          text_v=cache.text_v, image_k=cache.image_k, image_v=cache.image_v)
     scan = self._scan(_block_body(collect_kv), in_axes=(nn.broadcast, 0))
     x, chunk_kv = scan(self.blocks, tokens, shared, layers)
-    return self._unpatchify(self.head(x, e), grid), chunk_kv
+    return self._velocity(self._unpatchify(self.head(x, e), grid), latents, t), chunk_kv
 
 
 def example_inputs(config: ml_collections.ConfigDict, batch_size: int) -> tuple[jax.Array, jax.Array,
