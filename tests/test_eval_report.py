@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import models
+from msjax import io_utils
 from msjax.eval import report
 from msjax.eval import sprites_eval
 
@@ -63,7 +64,7 @@ def test_report_writes_a_gif_with_every_frame(tmp_path, result):
   columns = len(report.GRID_COLUMNS)
   assert frames.shape == (NUM_FRAMES, len(samples) * (SCALE * height + 1) - 1, columns * (SCALE * width + 1) - 1, 3)
   assert _strict_json(written["json"])["grid"]["seeds"] == [s.seed for s in samples]
-  if report.mp4_available():
+  if io_utils.mp4_available():
     assert sum(1 for _ in iio.imiter(written["mp4"])) == NUM_FRAMES
 
 
@@ -89,7 +90,7 @@ def test_grid_cells_and_track_dots(result):
 
 def test_write_video_rejects_unknown_suffix(tmp_path):
   with pytest.raises(ValueError, match=r"x\.avi: expected a video suffix"):
-    report.write_video(str(tmp_path / "x.avi"), np.zeros((2, 8, 8, 3), np.uint8), fps=8)
+    io_utils.write_video(str(tmp_path / "x.avi"), np.zeros((2, 8, 8, 3), np.uint8), fps=8)
 
 
 def test_summary_table_lists_every_generator(result):

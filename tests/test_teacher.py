@@ -177,3 +177,12 @@ def test_tiny_teacher_learns_writes_samples_and_resumes(tmp_path):
   output = _train_py(tmp_path, dict(overrides, **{"train.steps": 32}))
   assert "at step 30" in output and re.search(r"step 32: .*loss=", output)
 
+
+
+def test_replace_mode_puts_the_given_image_back_as_frame_zero():
+  clean = jnp.ones((2, 3, 4, 4, 5))
+  cond = teacher.Conditioning(first_latent=jnp.full((2, 4, 4, 5), 7.0))
+  pinned = teacher.pin_first_frame(clean, cond, "replace")
+  np.testing.assert_array_equal(pinned[:, 0], cond.first_latent)
+  np.testing.assert_array_equal(pinned[:, 1:], clean[:, 1:])
+  np.testing.assert_array_equal(teacher.pin_first_frame(clean, cond, "concat"), clean)

@@ -36,14 +36,14 @@ def chunk_inputs(config, rng: jax.Array) -> tuple[jax.Array, Conditioning]:
   """A random later-chunk latent [1, c, h, w, C] and its conditioning (text, tracks; no first frame)."""
   geo = config_utils.geometry(config)
   m = config.model
-  keys = jax.random.split(rng, 3)
+  keys = jax.random.split(rng, 4)
   latents = jax.random.normal(keys[0], (1, geo.chunk_frames, geo.latent_height, geo.latent_width,
                                         geo.latent_channels))
   grid = None
   if m.track_channels:
     grid = jax.random.normal(keys[1], (1, config.codec.temporal_stride * geo.chunk_frames, geo.latent_height,
                                        geo.latent_width, config.tracks.embed_dim))
-  image_tokens = jax.random.normal(keys[2], (1, m.image_tokens, m.image_embed_dim)) if m.image_cross_attn else None
+  image_tokens = jax.random.normal(keys[3], (1, m.image_tokens, m.image_embed_dim)) if m.image_cross_attn else None
   context = jax.random.normal(keys[2], (1, m.text_len, m.text_dim))
   return latents, Conditioning(context=context, track_grid=grid, image_tokens=image_tokens)
 

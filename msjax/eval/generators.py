@@ -40,6 +40,11 @@ def _load(context: sprites_eval.GeneratorContext, name: str, expected: str) -> i
     raise sprites_eval.GeneratorError(str(e)) from e
 
 
+def _clip_seed(seed: int, first_frame: np.ndarray) -> int:
+  """A per-clip seed (track IDs, noise) from the config seed and the clip's first frame: reproducible reports."""
+  return (seed + zlib.crc32(np.ascontiguousarray(first_frame).tobytes())) % 2**31
+
+
 def guidance_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config's guidance section, or the paper's defaults when the config (e.g. a sampler's) has none."""
   if "guidance" in config:
@@ -70,15 +75,13 @@ def teacher_generator(context: sprites_eval.GeneratorContext) -> sprites_eval.Ge
     if tracks.num_frames != num_frames:
       raise sprites_eval.GeneratorError(f"teacher: tracks have {tracks.num_frames} frames, asked for {num_frames}")
     latent_frames = config_utils.latent_frames(num_frames, config.codec.temporal_stride)
-    clip_seed = (seed + zlib.crc32(np.ascontiguousarray(first_frame).tobytes())) % 2**31  # per clip, reproducible
+    clip_seed = _clip_seed(seed, first_frame)
     context_emb, null = inference.encode_prompt(model, [prompt])
     cond = inference.conditioning(model, context_emb, inference.first_latent(model, first_frame),
                                   inference.track_grid(tracks, config, seed=clip_seed))
     noise = jax.random.normal(jax.random.PRNGKey(clip_seed),
                               (1, latent_frames, geo.latent_height, geo.latent_width, geo.latent_channels))
     latents = sample_latents(model.dit_params, noise, cond, null)
-    if config.model.image_condition == "replace":
-      latents = latents.at[:, 0].set(cond.first_latent)
     video = model.codec.decode(model.codec_params, latents)
     return np.asarray(inference.to_uint8(video[0]))
 
@@ -97,7 +100,7 @@ def student_generator(context: sprites_eval.GeneratorContext) -> sprites_eval.Ge
   seed = int(config.get("seed", 0))
 
   def generate(first_frame: np.ndarray, prompt: str, tracks: tracks_lib.Tracks, num_frames: int) -> dict:
-    clip_seed = (seed + zlib.crc32(np.ascontiguousarray(first_frame).tobytes())) % 2**31
+    clip_seed = _clip_seed(seed, first_frame)
     chunks = list(sampler_lib.stream_chunks(model, first_frame, prompt, tracks, num_frames, seed=clip_seed,
                                             sampler=sampler))
     return {"video": np.concatenate([chunk.frames for chunk in chunks]),

@@ -98,10 +98,6 @@ def _join(videos: list[np.ndarray], axis: int) -> np.ndarray:
   return np.concatenate(parts, axis=axis)
 
 
-mp4_available = io_utils.mp4_available
-write_video = io_utils.write_video
-
-
 def write_report(out_dir: str, result: dict[str, Any], *, fps: float, scale: int = 2,
                  draw_tracks: bool = True) -> dict[str, str]:
   """Writes report.json and, when `result` holds samples, samples.gif (and samples.mp4 when possible).
@@ -119,10 +115,10 @@ def write_report(out_dir: str, result: dict[str, Any], *, fps: float, scale: int
   if samples:
     frames = grid_video(samples, scale=scale, draw_tracks=draw_tracks)
     written["gif"] = os.path.join(out_dir, GRID_GIF)
-    write_video(written["gif"], frames, fps)
-    if mp4_available():
+    io_utils.write_video(written["gif"], frames, fps)
+    if io_utils.mp4_available():
       written["mp4"] = os.path.join(out_dir, GRID_MP4)
-      write_video(written["mp4"], frames, fps)
+      io_utils.write_video(written["mp4"], frames, fps)
   return written
 
 

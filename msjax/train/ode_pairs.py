@@ -177,9 +177,7 @@ def _shard_sampler(model_spec: dit.DiTSpec, layout: PairLayout, image_condition:
              null_context: jax.Array) -> tuple[jax.Array, jax.Array]:
     velocity_fn = teacher.guided_velocity_fn(network, dit_params, cond, null_context, Guidance(*layout.guidance))
     states, clean = teacher_trajectory(velocity_fn, noise, euler_times, layout.euler_indices)
-    if image_condition == "replace":  # Wan 2.2: latent frame 0 is the given image, never denoised
-      clean = clean.at[:, 0].set(cond.first_latent)
-    return states, clean
+    return states, teacher.pin_first_frame(clean, cond, image_condition)
 
   return jax.jit(sample)
 

@@ -232,11 +232,19 @@ def guided_velocity_fn(model: dit.WanDiT, dit_params: Any, cond: Conditioning, n
   return velocity_fn
 
 
+def pin_first_frame(clean: jax.Array, cond: Conditioning, image_condition: str) -> jax.Array:
+  """With 'replace' conditioning (Wan 2.2) latent frame 0 is the given image, never denoised: put it back."""
+  if image_condition != "replace":
+    return clean
+  return clean.at[:, 0].set(cond.first_latent)
+
+
 def sample(model: dit.WanDiT, dit_params: Any, noise: jax.Array, cond: Conditioning, null_context: jax.Array,
            guidance_config: ml_collections.ConfigDict, shift: float) -> jax.Array:
   """Teacher sampling: Euler over `guidance_config.num_steps` shifted steps with guided velocities."""
   velocity_fn = guided_velocity_fn(model, dit_params, cond, null_context, guidance_config)
-  return flow.euler_sample(velocity_fn, noise, flow.euler_timesteps(guidance_config.num_steps, shift))
+  clean = flow.euler_sample(velocity_fn, noise, flow.euler_timesteps(guidance_config.num_steps, shift))
+  return pin_first_frame(clean, cond, model.spec.image_condition)
 
 
 class TeacherEval:
@@ -284,11 +292,8 @@ class TeacherEval:
   def _guided_sample(self, params: Any, part: dict[str, jax.Array], null_context: jax.Array | None) -> jax.Array:
     context, null = text_contexts(params, part, self.text_encoder, null_context)
     noise = jax.random.normal(jax.random.PRNGKey(self.config.seed + 1), part["latents"].shape)
-    latents = sample(self.model, params[DIT_PARAMS], noise, conditioning(part, context, self.objective), null,
-                     self.config.guidance, self.objective.shift)
-    if self.objective.image_condition == "replace":
-      latents = latents.at[:, 0].set(part["first_latent"])
-    return latents
+    return sample(self.model, params[DIT_PARAMS], noise, conditioning(part, context, self.objective), null,
+                  self.config.guidance, self.objective.shift)
 
   def __call__(self, step: int, state: state_lib.TrainState) -> dict[str, float]:
     params = state.ema_params
