@@ -254,10 +254,9 @@ def run(config) -> None:
   config = _stream_config(config)
   inputs = _read_inputs(config)
   checkpoint = _CHECKPOINT.value or config.checkpoint
-  if not (_RANDOM_WEIGHTS.value or _CHECKPOINT.value or os.path.exists(checkpoint)):
-    print(f"no checkpoint yet: {checkpoint} does not exist (the tiny student ships with the distillation stage); "
-          "pass --checkpoint DIR, or --random_weights to stream with random weights")
-    return
+  if not (_RANDOM_WEIGHTS.value or os.path.exists(checkpoint)):
+    raise InputError(f"{checkpoint}: no such checkpoint (the tiny student ships in checkpoints/tiny_student); pass "
+                     "--checkpoint DIR (an exported model or a training workdir), or --random_weights")
   model = sampler_lib.load_stream_model(
       config, checkpoint=None if _RANDOM_WEIGHTS.value else checkpoint, decoder=_DECODER.value or config.decoder,
       decoder_checkpoint=_DECODER_CHECKPOINT.value or config.decoder_checkpoint)

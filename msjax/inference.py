@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import chex
 import jax
@@ -249,12 +249,16 @@ def track_grid(tracks: tracks_lib.Tracks, config: ml_collections.ConfigDict, *, 
   return grid
 
 
-def first_latent(model: Model, frame: np.ndarray) -> jax.Array:
-  """uint8 [H, W, 3] first frame -> its clean latent [h, w, C] (latent frame 0 holds frame 0 alone)."""
+def first_latent(model: Model, frame: np.ndarray, encode: Callable[[Any, jax.Array], jax.Array] | None = None
+                 ) -> jax.Array:
+  """uint8 [H, W, 3] first frame -> its clean latent [h, w, C] (latent frame 0 holds frame 0 alone).
+
+  `encode` replaces `model.codec.encode`, e.g. with a jitted copy (the streaming sampler keeps one so that the
+  first-frame latency holds no eager dispatch)."""
   geo = config_utils.geometry(model.config)
   chex.assert_shape(frame, (geo.height, geo.width, 3))
   video = jnp.asarray(pipeline.video_to_unit_range(np.asarray(frame, np.uint8)))[None, None]
-  latents = model.codec.encode(model.codec_params, video)
+  latents = (encode or model.codec.encode)(model.codec_params, video)
   chex.assert_shape(latents, (1, 1, geo.latent_height, geo.latent_width, geo.latent_channels))
   return latents[0, 0]
 

@@ -80,6 +80,10 @@ class StreamSampler:
     self.later_chunk_frames = self.temporal_stride * self.chunk_frames
     # One jitted function; `is_first` and `decode` are static, so it holds at most one program per combination.
     self._step = jax.jit(self._chunk_step, static_argnames=("is_first", "decode"), donate_argnames=("state",))
+    # Starting a stream is compiled too: run eagerly, the first-frame encoder and the cross-attention K/V of a
+    # large preset dispatch hundreds of small ops and dominate the first-frame latency.
+    self.encode_first = jax.jit(model.codec.encode)
+    self._start = jax.jit(self._start_state)
 
   @property
   def chunk_frames(self) -> int:
@@ -96,17 +100,21 @@ class StreamSampler:
   def start(self, cond: track_head.Conditioning, seed: int) -> StreamState:
     """A new stream for `cond` (context [B, L, D], first_latent [B, h, w, C] or None, CLIP tokens if used)."""
     chex.assert_rank(cond.context, 3)
+    geo = self.geometry
+    if cond.first_latent is not None:
+      chex.assert_shape(cond.first_latent, (cond.context.shape[0], geo.latent_height, geo.latent_width,
+                                            geo.latent_channels))
+    state = self._start(self.model.dit_params, self.model.codec_params, cond, jax.random.key(seed))
+    if state.first_latent is not None:  # the state is donated; the caller keeps theirs (jit may forward inputs)
+      state = state.replace(first_latent=jnp.array(state.first_latent, copy=True))
+    return _distinct_buffers(state)
+
+  def _start_state(self, dit_params, codec_params, cond: track_head.Conditioning, rng: jax.Array) -> StreamState:
     batch = cond.context.shape[0]
     geo = self.geometry
-    cache = kv_cache.init_cache(self.model.dit_params, self.config, cond, batch)
-    decode_state = self.model.codec.init_decode_state(self.model.codec_params, batch, geo.latent_height,
-                                                      geo.latent_width)
-    first_latent = None
-    if cond.first_latent is not None:
-      chex.assert_shape(cond.first_latent, (batch, geo.latent_height, geo.latent_width, geo.latent_channels))
-      first_latent = jnp.array(cond.first_latent, copy=True)  # the state is donated; the caller keeps theirs
-    state = StreamState(cache=cache, decode_state=decode_state, rng=jax.random.key(seed), first_latent=first_latent)
-    return _distinct_buffers(state)
+    cache = kv_cache.init_cache(dit_params, self.config, cond, batch)
+    decode_state = self.model.codec.init_decode_state(codec_params, batch, geo.latent_height, geo.latent_width)
+    return StreamState(cache=cache, decode_state=decode_state, rng=rng, first_latent=cond.first_latent)
 
   def _latent_shape(self, batch: int) -> tuple[int, ...]:
     geo = self.geometry
@@ -310,7 +318,7 @@ def start_stream(sampler: StreamSampler, first_frame: np.ndarray | None, prompt:
                  seed: int) -> StreamState:
   """A batch-1 stream from user inputs: the prompt is embedded and the first frame encoded here, once."""
   model = sampler.model
-  first = None if first_frame is None else inference.first_latent(model, first_frame)
+  first = None if first_frame is None else inference.first_latent(model, first_frame, sampler.encode_first)
   context = prompt_context(model, prompt)
   return sampler.start(inference.conditioning(model, context, first, None), seed)
 
