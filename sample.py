@@ -87,7 +87,7 @@ def _load_image(path: str, height: int, width: int):
   """uint8 [height, width, 3]: the image scaled to cover the frame, then center-cropped."""
   import imageio.v3 as iio  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from msjax import inference  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise InputError(f"{path}: image file not found")
   try:
@@ -102,16 +102,11 @@ def _load_image(path: str, height: int, width: int):
   if image.dtype != np.uint8:
     raise InputError(f"{path}: expected an 8-bit image, found dtype {image.dtype}")
   image = image[..., :3]
-  found_height, found_width = image.shape[:2]
-  if (found_height, found_width) == (height, width):
-    return image
-  scale = max(height / found_height, width / found_width)
-  size = (max(width, round(found_width * scale)), max(height, round(found_height * scale)))
-  resized = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
-  top, left = (size[1] - height) // 2, (size[0] - width) // 2
-  print(f"image: {path} is {found_width}x{found_height}; resized to {size[0]}x{size[1]} and center-cropped to "
-        f"the model's {width}x{height}")
-  return resized[top:top + height, left:left + width]
+  fitted = inference.fit_image(image, height, width)
+  if fitted is not image:
+    print(f"image: {path} is {image.shape[1]}x{image.shape[0]}; scaled to cover the model's {width}x{height} and "
+          "centre-cropped")
+  return fitted
 
 
 def _output_path(out: str) -> str:

@@ -249,6 +249,22 @@ def track_grid(tracks: tracks_lib.Tracks, config: ml_collections.ConfigDict, *, 
   return grid
 
 
+def fit_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """uint8 [height, width, 3]: `image` scaled to cover the model's frame, then centre-cropped (so nothing is
+  stretched); sample.py --image and the demo's uploads both go through it."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  found_height, found_width = image.shape[:2]
+  if (found_height, found_width) == (height, width):
+    return image
+  scale = max(height / found_height, width / found_width)
+  size = (max(width, round(found_width * scale)), max(height, round(found_height * scale)))
+  resized = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
+  top, left = (size[1] - height) // 2, (size[0] - width) // 2
+  fitted = resized[top:top + height, left:left + width]
+  chex.assert_shape(fitted, (height, width, 3))
+  return fitted
+
+
 def first_latent(model: Model, frame: np.ndarray, encode: Callable[[Any, jax.Array], jax.Array] | None = None
                  ) -> jax.Array:
   """uint8 [H, W, 3] first frame -> its clean latent [h, w, C] (latent frame 0 holds frame 0 alone).

@@ -184,6 +184,6 @@ def test_video_files_from_an_image_with_random_weights(tmp_path, suffix):
                  str(NUM_FRAMES), "--loop_tracks", "--prompt_embeds", _embeddings(tmp_path / "e.npy"), "--out",
                  str(out), *SMALL_FLAGS], tmp_path)
   assert result.returncode == 0, result.stderr
-  assert "100x40; resized to 160x64 and center-cropped to the model's 64x64" in result.stdout, result.stdout
+  assert "100x40; scaled to cover the model's 64x64 and centre-cropped" in result.stdout, result.stdout
   assert sum(1 for _ in iio.imiter(out)) == NUM_FRAMES
   assert sorted(_written(tmp_path)) == sorted(["e.npy", "wide.png", out.name])
