@@ -218,6 +218,23 @@ def test_one_program_for_every_later_chunk_and_the_first_chunk_is_the_sink():
   assert int(state.chunk_index) == 6
 
 
+def test_starting_a_stream_is_compiled_once_and_keeps_the_callers_first_latent():
+  """The first-frame encode and the cache set-up run as compiled programs (eagerly they dominated the first-
+  frame latency of a large preset), reused by every later stream; the donated state owns its buffers."""
+  sampler = _shared_sampler()
+  config = sampler.config
+  frame = _first_frame(config)
+  for seed in (SEED, SEED + 1):
+    first = inference.first_latent(sampler.model, frame, sampler.encode_first)
+    cond = inference.conditioning(sampler.model, _context(sampler.model), first, None)
+    state = sampler.start(cond, seed)
+    state, _ = sampler.chunk_step(state, sampler.dummy_grid(1, True))
+    assert not first.is_deleted()  # the chunk step donated the state's copy, not the caller's latent
+  np.testing.assert_allclose(first, inference.first_latent(sampler.model, frame), rtol=1e-5, atol=1e-5)
+  assert sampler.encode_first._cache_size() == 1  # pylint: disable=protected-access
+  assert sampler._start._cache_size() == 1  # pylint: disable=protected-access
+
+
 @pytest.mark.parametrize("num_frames", [1, 13, 30])
 def test_stream_yields_exactly_num_frames(num_frames):
   sampler = _shared_sampler()
