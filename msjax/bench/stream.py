@@ -120,6 +120,7 @@ class StreamRun:
   wall_s: float
   rss_start: int
   rss_end: int
+  rss_per_chunk: list[int]  # resident bytes after each chunk: growth after warm-up, not just end - start
 
   @property
   def fps(self) -> float:
@@ -134,7 +135,7 @@ def time_stream(sampler: sampler_lib.StreamSampler, num_chunks: int, seed: int =
   first_frame = np.zeros((config.video.height, config.video.width, 3), np.uint8)
   rss_start = process_rss_bytes()
   begin = time.perf_counter()
-  first_at, seconds, cpu_seconds, frames = None, [], [], 0
+  first_at, seconds, cpu_seconds, frames, rss = None, [], [], 0, []
   cpu_before = time.process_time()
   for chunk in sampler_lib.stream_chunks(sampler.model, first_frame, "", tracks, num_frames, seed=seed,
                                          sampler=sampler):
@@ -144,9 +145,10 @@ def time_stream(sampler: sampler_lib.StreamSampler, num_chunks: int, seed: int =
     cpu_before = cpu_now
     seconds.append(chunk.seconds)
     frames += chunk.frames.shape[0]
+    rss.append(process_rss_bytes())
   wall = time.perf_counter() - begin
   return StreamRun(first_frame_s=first_at - begin, chunk_s=seconds, chunk_cpu_s=cpu_seconds, frames=frames,
-                   wall_s=wall, rss_start=rss_start, rss_end=process_rss_bytes())
+                   wall_s=wall, rss_start=rss_start, rss_end=process_rss_bytes(), rss_per_chunk=rss)
 
 
 def time_dit_only(sampler: sampler_lib.StreamSampler, num_chunks: int) -> list[float]:
@@ -210,7 +212,7 @@ def flatness(sampler: sampler_lib.StreamSampler, num_chunks: int = FLAT_CHUNKS) 
       "flat": abs(late / early - 1) <= FLAT_TOLERANCE, "cpu_ms_10_110": 1e3 * cpu_early,
       "cpu_ms_last_100": 1e3 * cpu_late, "cpu_late_over_early": cpu_late / cpu_early,
       "cpu_flat": abs(cpu_late / cpu_early - 1) <= FLAT_TOLERANCE, "rss_start_mib": run.rss_start / BYTES_PER_MIB,
-      "rss_end_mib": run.rss_end / BYTES_PER_MIB, "fps_end_to_end": run.fps, "load_average": os.getloadavg(),
+      "rss_at_110_mib": run.rss_per_chunk[FLAT_EARLY[1] - 1] / BYTES_PER_MIB, "rss_end_mib": run.rss_end / BYTES_PER_MIB, "fps_end_to_end": run.fps, "load_average": os.getloadavg(),
   }
 
 
@@ -221,8 +223,8 @@ def format_result(result: dict[str, Any]) -> str:
             f"(x{result['late_over_early']:.3f}, {'flat' if result['flat'] else 'NOT flat'}); CPU time "
             f"{result['cpu_ms_10_110']:.1f} -> {result['cpu_ms_last_100']:.1f} ms "
             f"(x{result['cpu_late_over_early']:.3f}, {'flat' if result['cpu_flat'] else 'NOT flat'}); RSS "
-            f"{result['rss_start_mib']:.0f} -> "
-            f"{result['rss_end_mib']:.0f} MiB; {result['fps_end_to_end']:.1f} FPS; load average "
+            f"{result['rss_start_mib']:.0f} (start) -> {result['rss_at_110_mib']:.0f} (chunk 110) -> "
+            f"{result['rss_end_mib']:.0f} MiB (end); {result['fps_end_to_end']:.1f} FPS; load average "
             f"{result['load_average'][0]:.1f}")
   return "\n".join([
       f"{result['preset']} {result['stream']} {result['steps']} steps {result['dtype']} on {result['device']}, "
