@@ -80,15 +80,19 @@ def test_first_latent_is_the_codec_encoding_of_the_frame(exported):
   np.testing.assert_array_equal(inference.to_uint8(decoded[0, 0]), clip.video[0])
 
 
+def _generator_and_clip(config, checkpoint: str, name: str):
+  """The named eval generator on `checkpoint` and held-out clip 5 of the config's world (teacher shift 6)."""
+  config.flow = {"shift": 6.0}
+  world = sprites_eval.world_config(config)
+  context = sprites_eval.GeneratorContext(config=config, checkpoint=checkpoint, world=world, seeds=(5,))
+  return sprites_eval.make_generator(name, context), sprites.render_clip(5, world), world
+
+
 def test_teacher_generator_returns_the_asked_for_video(exported):
   config, _, out = exported
   config.guidance = generators.guidance_config(config)
   config.guidance.num_steps = 2
-  config.flow = {"shift": 6.0}
-  world = sprites_eval.world_config(config)
-  context = sprites_eval.GeneratorContext(config=config, checkpoint=out, world=world, seeds=(5,))
-  generate = sprites_eval.make_generator(generators.TEACHER, context)
-  clip = sprites.render_clip(5, world)
+  generate, clip, world = _generator_and_clip(config, out, generators.TEACHER)
   video = generate(clip.video[0], clip.prompt, sprites_eval.clip_tracks(clip), world.num_frames)
   chex.assert_shape(video, clip.video.shape)
   assert video.dtype == np.uint8
@@ -106,11 +110,7 @@ def test_teacher_generator_without_checkpoint_says_so():
 
 def test_student_generator_streams_the_clip_and_reports_chunk_times(exported):
   config, _, out = exported
-  config.flow = {"shift": 6.0}
-  world = sprites_eval.world_config(config)
-  context = sprites_eval.GeneratorContext(config=config, checkpoint=out, world=world, seeds=(5,))
-  generate = sprites_eval.make_generator(generators.STUDENT, context)
-  clip = sprites.render_clip(5, world)
+  generate, clip, world = _generator_and_clip(config, out, generators.STUDENT)
   output = generate(clip.video[0], clip.prompt, sprites_eval.clip_tracks(clip), world.num_frames)
   chex.assert_shape(output["video"], clip.video.shape)
   assert output["video"].dtype == np.uint8

@@ -212,7 +212,8 @@ def flatness(sampler: sampler_lib.StreamSampler, num_chunks: int = FLAT_CHUNKS) 
       "flat": abs(late / early - 1) <= FLAT_TOLERANCE, "cpu_ms_10_110": 1e3 * cpu_early,
       "cpu_ms_last_100": 1e3 * cpu_late, "cpu_late_over_early": cpu_late / cpu_early,
       "cpu_flat": abs(cpu_late / cpu_early - 1) <= FLAT_TOLERANCE, "rss_start_mib": run.rss_start / BYTES_PER_MIB,
-      "rss_at_110_mib": run.rss_per_chunk[FLAT_EARLY[1] - 1] / BYTES_PER_MIB, "rss_end_mib": run.rss_end / BYTES_PER_MIB, "fps_end_to_end": run.fps, "load_average": os.getloadavg(),
+      "rss_at_110_mib": run.rss_per_chunk[FLAT_EARLY[1] - 1] / BYTES_PER_MIB,
+      "rss_end_mib": run.rss_end / BYTES_PER_MIB, "fps_end_to_end": run.fps, "load_average": os.getloadavg(),
   }
 
 
