@@ -1,11 +1,11 @@
-"""The streaming sampler: one jit-compiled step per chunk, and a frame iterator on top of it.
+"""The streaming sampler: a compiled chunk step (make, then commit), and a frame iterator on top of it.
 
   sampler = StreamSampler(model)
   state = sampler.start(cond, seed)                       # text cross-attention K/V computed here, once
-  state, frames = sampler.chunk_step(state, track_grid)   # generate + commit + decode one chunk
+  state, frames = sampler.chunk_step(state, track_grid)   # generate + decode, then commit, one chunk
 
-The first chunk (latent frame 0, 1 + s(c-1) pixel frames, the user's first frame) is its own compiled program
-and becomes the attention sink; every later chunk (s*c pixel frames) reuses one program, because the cache
+The first chunk (latent frame 0, 1 + s(c-1) pixel frames, the user's first frame) has its own compiled programs
+and becomes the attention sink; every later chunk (s*c pixel frames) reuses the same two, because the cache
 has fixed shapes and its counters are traced values. `stream(...)` wraps this into an iterator of uint8 frames
 that takes its tracks from a `Tracks` object or from any iterator of per-chunk point arrays (a live source).
 
@@ -78,8 +78,12 @@ class StreamSampler:
     self.timesteps = rollout.student_timesteps(model.config)
     self.first_chunk_frames = 1 + self.temporal_stride * (self.chunk_frames - 1)
     self.later_chunk_frames = self.temporal_stride * self.chunk_frames
-    # One jitted function; `is_first` and `decode` are static, so it holds at most one program per combination.
-    self._step = jax.jit(self._chunk_step, static_argnames=("is_first", "decode"), donate_argnames=("state",))
+    # A chunk is two compiled calls: make (denoise + decode) and commit. The frames reach the host as soon as
+    # make has run, while the commit (one more DiT pass) runs behind them on the device. `is_first` and
+    # `decode` are static: one program per combination, the same for every later chunk.
+    self._make = jax.jit(self._make_chunk, static_argnames=("is_first", "decode"),
+                         donate_argnames=("decode_state",))
+    self._commit = jax.jit(self._commit_chunk, static_argnames=("is_first",), donate_argnames=("cache",))
     # Starting a stream is compiled too: run eagerly, the first-frame encoder and the cross-attention K/V of a
     # large preset dispatch hundreds of small ops and dominate the first-frame latency.
     self.encode_first = jax.jit(model.codec.encode)
@@ -94,8 +98,8 @@ class StreamSampler:
     return self.config.codec.temporal_stride
 
   def compiled_programs(self) -> int:
-    """How many programs the chunk step has compiled (tests check it stays at two: first and later chunks)."""
-    return self._step._cache_size()  # pylint: disable=protected-access
+    """How many programs the chunk step has compiled: make and commit, each for the first and later chunks."""
+    return self._make._cache_size() + self._commit._cache_size()  # pylint: disable=protected-access
 
   def start(self, cond: track_head.Conditioning, seed: int) -> StreamState:
     """A new stream for `cond` (context [B, L, D], first_latent [B, h, w, C] or None, CLIP tokens if used)."""
@@ -105,8 +109,6 @@ class StreamSampler:
       chex.assert_shape(cond.first_latent, (cond.context.shape[0], geo.latent_height, geo.latent_width,
                                             geo.latent_channels))
     state = self._start(self.model.dit_params, self.model.codec_params, cond, jax.random.key(seed))
-    if state.first_latent is not None:  # the state is donated; the caller keeps theirs (jit may forward inputs)
-      state = state.replace(first_latent=jnp.array(state.first_latent, copy=True))
     return _distinct_buffers(state)
 
   def _start_state(self, dit_params, codec_params, cond: track_head.Conditioning, rng: jax.Array) -> StreamState:
@@ -120,20 +122,30 @@ class StreamSampler:
     geo = self.geometry
     return (batch, self.chunk_frames, geo.latent_height, geo.latent_width, geo.latent_channels)
 
-  def _chunk_step(self, dit_params, codec_params, timesteps, state: StreamState, track_grid: jax.Array | None, *,
-                  is_first: bool, decode: bool) -> tuple[StreamState, jax.Array | None]:
-    batch = state.cache.text_k.shape[1]
-    noise = rollout.chunk_noise(state.rng, state.chunk_index, self._latent_shape(batch))
-    _, step_key = rollout.chunk_keys(state.rng, state.chunk_index)
+  @staticmethod
+  def _chunk_condition(first_latent: jax.Array | None, track_grid: jax.Array | None,
+                       is_first: bool) -> track_head.Conditioning:
     # Later chunks never read the first frame (its image channels are zero there), so they are not given it.
-    cond = track_head.Conditioning(first_latent=state.first_latent if is_first else None, track_grid=track_grid)
-    x0 = rollout.generate_chunk(dit_params, state.cache, noise, cond, timesteps, step_key)
-    cache = kv_cache.commit(dit_params, state.cache, x0, cond)
-    frames, decode_state = None, state.decode_state
+    return track_head.Conditioning(first_latent=first_latent if is_first else None, track_grid=track_grid)
+
+  def _make_chunk(self, dit_params, codec_params, timesteps, cache: kv_cache.CacheState, decode_state: Any,
+                  rng: jax.Array, first_latent: jax.Array | None, track_grid: jax.Array | None, *, is_first: bool,
+                  decode: bool) -> tuple[jax.Array, Any, jax.Array | None]:
+    """(x0 [B, c, h, w, C], decode state, uint8 frames or None): the next chunk, denoised and decoded."""
+    batch = cache.text_k.shape[1]
+    noise = rollout.chunk_noise(rng, cache.committed, self._latent_shape(batch))
+    _, step_key = rollout.chunk_keys(rng, cache.committed)
+    cond = self._chunk_condition(first_latent, track_grid, is_first)
+    x0 = rollout.generate_chunk(dit_params, cache, noise, cond, timesteps, step_key)
+    frames = None
     if decode:
-      decode_state, video = self.model.codec.decode_chunk(codec_params, state.decode_state, x0, is_first)
+      decode_state, video = self.model.codec.decode_chunk(codec_params, decode_state, x0, is_first)
       frames = inference.to_uint8(video)
-    return state.replace(cache=cache, decode_state=decode_state), frames
+    return x0, decode_state, frames
+
+  def _commit_chunk(self, dit_params, cache: kv_cache.CacheState, x0: jax.Array, first_latent: jax.Array | None,
+                    track_grid: jax.Array | None, *, is_first: bool) -> kv_cache.CacheState:
+    return kv_cache.commit(dit_params, cache, x0, self._chunk_condition(first_latent, track_grid, is_first))
 
   def chunk_step(self, state: StreamState, track_grid: jax.Array | np.ndarray | None, *, is_first: bool | None = None,
                  decode: bool = True) -> tuple[StreamState, jax.Array | None]:
@@ -141,7 +153,7 @@ class StreamSampler:
 
     `track_grid` [B, T, h, w, d] covers the chunk's pixel frames (T = 1 + s(c-1) for the first chunk, s*c
     after), or is None for a model without tracks (then `is_first` must say which chunk this is). `state` is
-    consumed (its buffers are donated to the new state).
+    consumed: its cache and decode state are donated to the new state.
     """
     if track_grid is not None:
       track_grid = jnp.asarray(track_grid, jnp.float32)  # numpy and jax inputs share one dispatch entry
@@ -153,8 +165,14 @@ class StreamSampler:
       is_first = frames == self.first_chunk_frames
     elif is_first is None:
       raise ValueError("chunk_step without a track grid needs is_first (is this the stream's first chunk?)")
-    return self._step(self.model.dit_params, self.model.codec_params, self.timesteps, state, track_grid,
-                      is_first=is_first, decode=decode)
+    # Make reads the cache and consumes the decode state; commit then consumes the cache. On an accelerator
+    # both are queued at once, and the frames are ready before the commit has run.
+    first_latent = state.first_latent if is_first else None
+    x0, decode_state, frames = self._make(self.model.dit_params, self.model.codec_params, self.timesteps,
+                                          state.cache, state.decode_state, state.rng, first_latent, track_grid,
+                                          is_first=is_first, decode=decode)
+    cache = self._commit(self.model.dit_params, state.cache, x0, first_latent, track_grid, is_first=is_first)
+    return state.replace(cache=cache, decode_state=decode_state), frames
 
   def dummy_grid(self, batch: int, is_first: bool) -> jax.Array | None:
     """An all-zero track grid of one chunk (no motion condition), or None for a model without tracks."""
