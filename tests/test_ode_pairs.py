@@ -1,5 +1,6 @@
 """ODE pairs: where the states are recorded, that they are the teacher's guided Euler path, shards, resume."""
 
+import json
 import os
 
 import jax
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from msjax import config_utils
+from msjax.data import pipeline
 from msjax.diffusion import flow
 from msjax.models import dit
 from msjax.train import ode_pairs
@@ -63,13 +65,15 @@ def test_pairs_round_trip_resume_and_refuse_other_settings(tmp_path):
   assert len(source) == 3 and layout.num_shards == 2  # the last shard holds one clip
   clip = source[2]
   assert clip["states"].shape == (config.stream.num_steps,) + latent and clip["clean"].shape == latent
-  assert clip["track_grid"].shape == (geo.num_frames, geo.latent_height, geo.latent_width, config.tracks.embed_dim)
+  assert clip[pipeline.TRACK_POINTS].shape == (geo.num_frames, config.tracks.max_tracks, 2)
+  assert clip[pipeline.TRACK_EMBEDDINGS].shape == (config.tracks.max_tracks, config.tracks.embed_dim)
   np.testing.assert_allclose(clip["timesteps"], layout.timesteps)
   assert clip["timesteps"][0] == 1.0 and str(clip["prompt"])
 
   # The stored end is the guided teacher's Euler sample from the stored starting noise and conditioning.
   spec = ode_pairs.ConditioningSpec.from_config(config)
-  batch = {name: jnp.asarray(value)[None] for name, value in clip.items() if name != "prompt"}
+  batch = pipeline.make_device_inputs(config, model.codec)(
+      {name: jnp.asarray(value)[None] for name, value in clip.items() if name != "prompt"})
   context, _ = model.text_encoder.encode(model.text_params, [str(clip["prompt"])])
   guide = config.guidance.copy_and_resolve_references()
   guide.num_steps = config.ode_pairs.euler_steps
@@ -95,6 +99,16 @@ def test_pairs_round_trip_resume_and_refuse_other_settings(tmp_path):
   config.ode_pairs.euler_steps = 6
   with pytest.raises(ode_pairs.PairsError, match="euler_steps: folder 4, config 6"):
     ode_pairs.generate(config, config.ode_pairs.dir, model)
+
+  # A folder of the older format (dense track grids, no field list) is refused with what to do.
+  layout_path = os.path.join(config.ode_pairs.dir, ode_pairs.LAYOUT_FILE)
+  with open(layout_path) as f:
+    old = json.load(f)
+  del old["fields"]
+  with open(layout_path, "w") as f:
+    json.dump(old, f)
+  with pytest.raises(ode_pairs.PairsError, match=r"layout \(no fields \(made by an older msjax\)\); delete the folder"):
+    ode_pairs.PairSource(config.ode_pairs.dir)
 
 
 def test_missing_teacher_and_missing_pairs_say_what_to_run(tmp_path):

@@ -16,6 +16,7 @@ from msjax import codecs
 from msjax import config_utils
 from msjax.data import pipeline
 from msjax.data import tfds_sprites
+from msjax.data import tracks as tracks_lib
 
 N_TRAIN, N_VAL, BATCH = 8, 4, 2
 MULTIPROCESS_TIMEOUT_S = 240
@@ -64,59 +65,89 @@ def _assert_batches_equal(a, b):
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_batch_shapes_and_dtypes(config, codec, train_source):
+def test_host_batch_is_compact_and_the_device_makes_the_model_inputs(config, codec, train_source):
   geom = config_utils.geometry(config)
   iterator = _pipeline(config, codec, train_source)
   batch = next(iterator)
   iterator.close()
-  latent = (geom.latent_height, geom.latent_width, geom.latent_channels)
+  max_tracks, dim = config.tracks.max_tracks, config.tracks.embed_dim
   num_chunks = geom.latent_frames // geom.chunk_frames
-  chex.assert_shape(batch["latents"], (BATCH, geom.latent_frames, *latent))
-  chex.assert_shape(batch["first_latent"], (BATCH, *latent))
-  chex.assert_shape(batch["track_grid"],
-                    (BATCH, geom.num_frames, geom.latent_height, geom.latent_width, config.tracks.embed_dim))
+  chex.assert_shape(batch[pipeline.VIDEO], (BATCH, geom.num_frames, geom.height, geom.width, 3))
+  chex.assert_shape(batch[pipeline.TRACK_POINTS], (BATCH, geom.num_frames, max_tracks, 2))
+  chex.assert_shape(batch[pipeline.TRACK_VISIBLE], (BATCH, geom.num_frames, max_tracks))
+  chex.assert_shape(batch[pipeline.TRACK_EMBEDDINGS], (BATCH, max_tracks, dim))
   chex.assert_shape(batch["chunk_masked"], (BATCH, num_chunks))
   chex.assert_shape(batch["prompt"], (BATCH,))
-  chex.assert_type([batch["latents"], batch["first_latent"], batch["track_grid"]], np.float32)
-  assert batch["chunk_masked"].dtype == bool
-  assert batch["prompt"].dtype.kind == "U"
-  np.testing.assert_array_equal(batch["first_latent"], batch["latents"][:, 0])
-  assert all(len(str(p)) > 0 for p in batch["prompt"])
+  assert batch[pipeline.VIDEO].dtype == np.uint8 and batch[pipeline.TRACK_VISIBLE].dtype == bool
+  assert batch["prompt"].dtype.kind == "U" and all(len(str(p)) > 0 for p in batch["prompt"])
+  dense_bytes = 4 * (geom.latent_frames * geom.latent_height * geom.latent_width * geom.latent_channels
+                     + geom.num_frames * geom.latent_height * geom.latent_width * dim)
+  compact_bytes = sum(batch[name].nbytes for name in pipeline.HOST_FIELDS) / BATCH
+  assert compact_bytes < dense_bytes / 5
+
+  inputs = pipeline.make_device_inputs(config, codec)({k: v for k, v in batch.items() if k != "prompt"})
+  latent = (geom.latent_height, geom.latent_width, geom.latent_channels)
+  chex.assert_shape(inputs["latents"], (BATCH, geom.latent_frames, *latent))
+  chex.assert_shape(inputs["first_latent"], (BATCH, *latent))
+  chex.assert_shape(inputs["track_grid"], (BATCH, geom.num_frames, geom.latent_height, geom.latent_width, dim))
+  chex.assert_type([inputs["latents"], inputs["first_latent"], inputs["track_grid"]], np.float32)
+  np.testing.assert_array_equal(inputs["first_latent"], inputs["latents"][:, 0])
+  np.testing.assert_array_equal(inputs["chunk_masked"], batch["chunk_masked"])  # other fields pass through
+  assert not set(pipeline.HOST_FIELDS) & set(inputs)
+  for clip in range(BATCH):
+    video = pipeline.video_to_unit_range(batch[pipeline.VIDEO][clip])
+    np.testing.assert_allclose(codec.decode(None, inputs["latents"][clip][None])[0], video, atol=1e-6)
+    expected = tracks_lib.rasterize(batch[pipeline.TRACK_POINTS][clip], batch[pipeline.TRACK_VISIBLE][clip],
+                                    batch[pipeline.TRACK_EMBEDDINGS][clip], height=geom.height, width=geom.width,
+                                    stride=codec.spatial_stride)
+    np.testing.assert_allclose(inputs["track_grid"][clip], expected, atol=1e-6)
+
+  only = pipeline.make_device_inputs(config, codec, keep=("track_grid",))(
+      {name: batch[name] for name in pipeline.HOST_FIELDS})
+  assert list(only) == ["track_grid"]
+  with pytest.raises(KeyError, match="cannot give"):
+    pipeline.make_device_inputs(config, codec, keep=("latents",))(
+        {name: batch[name] for name in pipeline.TRACK_FIELDS})
 
 
-def test_example_transform_encodes_the_clip_and_rasterises_a_track_subset(config, codec, train_source):
+def test_example_transform_draws_a_padded_track_subset(config, codec, train_source):
   example = train_source[0]
   out = pipeline.example_transform(example, config=config, codec=codec, rng=np.random.default_rng(0))
-  video = pipeline.video_to_unit_range(example["video"])
-  np.testing.assert_array_equal(codec.decode(None, out["latents"][None])[0], video)
+  np.testing.assert_array_equal(out[pipeline.VIDEO], example["video"])
   assert str(out["prompt"]) == example["prompt"].decode()
 
-  # Frame 0 is never masked. The tiny preset's track grid puts one first-frame point in each latent cell,
-  # so the cells hit at frame 0 are the sampled tracks, each holding one unsummed unit-per-frequency embedding.
-  grid0 = out["track_grid"][0]
-  norms = np.linalg.norm(grid0, axis=-1)
-  used = norms > 0
-  assert config.tracks.min_tracks <= used.sum() <= config.tracks.max_tracks
-  np.testing.assert_allclose(norms[used], np.sqrt(config.tracks.embed_dim / 2), rtol=1e-5)
-  stride = codec.spatial_stride
-  cells = np.floor(example["tracks"][0] / stride).astype(int)
-  hit = np.zeros_like(used)
-  hit[cells[:, 1], cells[:, 0]] = example["visibility"][0]
-  assert not (used & ~hit).any()  # nothing appears where no visible track is
+  # Frame 0 is never masked. Padding rows are hidden and carry no embedding; every real row is one of the
+  # clip's tracks (its points) with a unit-per-frequency embedding.
+  visible0 = out[pipeline.TRACK_VISIBLE][0]
+  norms = np.linalg.norm(out[pipeline.TRACK_EMBEDDINGS], axis=-1)
+  real = norms > 0
+  assert config.tracks.min_tracks <= real.sum() <= config.tracks.max_tracks
+  np.testing.assert_allclose(norms[real], np.sqrt(config.tracks.embed_dim / 2), rtol=1e-5)
+  assert not visible0[~real].any()
+  assert not out[pipeline.TRACK_POINTS][:, ~real].any()
+  points = out[pipeline.TRACK_POINTS][:, real]
+  matches = (points[:, :, None] == example["tracks"][:, None]).all(axis=(0, 3))  # [subset, all tracks]
+  assert (matches.sum(axis=1) == 1).all()
+  source = matches.argmax(axis=1)
+  np.testing.assert_array_equal(visible0[real], example["visibility"][0, source])
 
   other = pipeline.example_transform(example, config=config, codec=codec, rng=np.random.default_rng(1))
-  assert not np.array_equal(other["track_grid"], out["track_grid"])  # fresh subset and IDs per draw
+  assert not np.array_equal(other[pipeline.TRACK_EMBEDDINGS], out[pipeline.TRACK_EMBEDDINGS])  # fresh IDs
 
 
-def test_masked_chunks_have_an_empty_track_grid(config, codec, train_source):
+def test_masked_chunks_hide_their_tracks_so_their_grid_is_empty(config, codec, train_source):
   masking = config.copy_and_resolve_references()
   masking.tracks.mask_prob = 1.0
   out = pipeline.example_transform(train_source[1], config=masking, codec=codec, rng=np.random.default_rng(0))
   geom = config_utils.geometry(config)
   np.testing.assert_array_equal(out["chunk_masked"], np.arange(len(out["chunk_masked"])) > 0)
   first_chunk_end = config_utils.video_frames(geom.chunk_frames, codec.temporal_stride)
-  assert np.abs(out["track_grid"][:first_chunk_end]).sum() > 0
-  assert not out["track_grid"][first_chunk_end:].any()
+  assert out[pipeline.TRACK_VISIBLE][:first_chunk_end].any()
+  assert not out[pipeline.TRACK_VISIBLE][first_chunk_end:].any()
+  batch = {name: out[name][None] for name in pipeline.TRACK_FIELDS}
+  grid = pipeline.make_device_inputs(masking, codec)(batch)["track_grid"][0]
+  assert np.abs(grid[:first_chunk_end]).sum() > 0
+  assert not np.asarray(grid[first_chunk_end:]).any()
 
 
 def test_same_seed_same_batches_other_seed_other_order(config, codec, train_source):
@@ -126,7 +157,7 @@ def test_same_seed_same_batches_other_seed_other_order(config, codec, train_sour
     iterator.close()
   for x, y in zip(a, b):
     _assert_batches_equal(x, y)
-  assert any(not np.array_equal(x["latents"], z["latents"]) for x, z in zip(a, c))
+  assert any(not np.array_equal(x[pipeline.VIDEO], z[pipeline.VIDEO]) for x, z in zip(a, c))
 
 
 def test_one_epoch_visits_every_clip_once(config, codec, train_source):
@@ -134,7 +165,7 @@ def test_one_epoch_visits_every_clip_once(config, codec, train_source):
   batches = list(iterator)
   iterator.close()
   assert len(batches) == N_TRAIN // BATCH
-  first_frames = {b["first_latent"][i].tobytes() for b in batches for i in range(BATCH)}
+  first_frames = {b[pipeline.VIDEO][i, 0].tobytes() for b in batches for i in range(BATCH)}
   assert len(first_frames) == N_TRAIN
 
 

@@ -38,6 +38,7 @@ import optax
 
 from msjax import config_utils
 from msjax import inference
+from msjax.data import pipeline
 from msjax.diffusion import flow
 from msjax.models import attention
 from msjax.models import dit
@@ -93,23 +94,36 @@ def student_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> opt
                                 _FROZEN: optax.set_to_zero()}, labels)
 
 
+CONTEXT = "context"  # the batch field of the encoded prompts
+
+
 class StudentPreparer:
-  """Host batch -> sharded device batch: the arrays named in `keys`, plus `context`, the prompts encoded by the
-  teacher's frozen text encoder (so the student, the teacher and the critic all read the same text)."""
+  """Host batch -> device batch: the model inputs named in `keys` (made on the device from the compact host
+  fields, `pipeline.device_inputs`, or passed through), plus `context`, the prompts encoded by the teacher's
+  frozen text encoder (so the student, the teacher and the critic all read the same text)."""
 
   def __init__(self, mesh: jax.sharding.Mesh, teacher_model: inference.Model, keys: Sequence[str]):
     self.mesh = mesh
     self.teacher_model = teacher_model
     self.keys = tuple(keys)
+    keep = self.keys + (CONTEXT,)
+    config, codec = teacher_model.config, teacher_model.codec
+    self._sharded = pipeline.make_device_inputs(config, codec, keep, out_shardings=sharding.batch_sharding(mesh))
+    self._unsharded = pipeline.make_device_inputs(config, codec, keep)
 
   def host_arrays(self, host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    arrays = {name: np.asarray(host_batch[name]) for name in self.keys}
+    wanted = set(self.keys) | set(pipeline.HOST_FIELDS)
+    arrays = {name: np.asarray(value) for name, value in host_batch.items() if name in wanted}
     context, _ = self.teacher_model.text_encoder.encode(self.teacher_model.text_params, host_batch["prompt"])
-    arrays["context"] = np.asarray(context)
+    arrays[CONTEXT] = np.asarray(context)
     return arrays
 
+  def unsharded(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """The inputs on the default device (small eval batches need not divide across the mesh)."""
+    return self._unsharded(self.host_arrays(host_batch))
+
   def __call__(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return sharding.shard_batch(self.mesh, self.host_arrays(host_batch))
+    return self._sharded(sharding.shard_batch(self.mesh, self.host_arrays(host_batch)))
 
 
 def stream_clip(dit_params: Any, config: ml_collections.ConfigDict, cond: Conditioning, noises: jax.Array,
@@ -195,7 +209,7 @@ def regression_loss(model: dit.WanDiT, dit_params: Any, z_t: jax.Array, t: jax.A
   """Weighted MSE of the student's x0 (masked forward) against the teacher's clean result."""
   clean = batch["clean"]
   chex.assert_equal_shape([z_t, clean])
-  cond = ode_pairs.conditioning(batch, batch["context"], objective)
+  cond = ode_pairs.conditioning(batch, batch[CONTEXT], objective)
   v = model.apply({"params": dit_params}, z_t, t, cond, mask=mask)
   per_frame = jnp.mean(jnp.square(flow.x0_from_velocity(z_t, t, v) - clean), axis=(2, 3, 4))  # [B, F]
   weights = teacher.frame_weights(clean.shape[1], objective)
@@ -231,7 +245,7 @@ class CausalInitEval:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, model: dit.WanDiT,
-               objective: CausalInitObjective, validation_batch: dict[str, np.ndarray]):
+               objective: CausalInitObjective, validation_batch: dict[str, jax.Array]):
     self.config = config
     self.workdir = workdir
     self.batch = validation_batch
@@ -243,7 +257,7 @@ class CausalInitEval:
     rng = jax.random.PRNGKey(config.seed)
 
     def stream(params, batch, exit_steps):
-      cond = ode_pairs.conditioning(batch, batch["context"], objective)
+      cond = ode_pairs.conditioning(batch, batch[CONTEXT], objective)
       return stream_clip(params[DIT_PARAMS], config, cond, batch["states"][:, 0], rng, exit_steps)
 
     def losses(params, batch):
@@ -271,7 +285,7 @@ class CausalInitEval:
 
 # ---- the stage ----------------------------------------------------------------------------------------------
 
-PAIR_KEYS = ("states", "timesteps", "clean", "first_latent", "track_grid")
+PAIR_KEYS = ("states", "timesteps", "clean", "first_latent", "track_grid")  # made from the stored pair fields
 
 
 def split_pairs(source: ode_pairs.PairSource, num_validation: int) -> tuple[grain.MapDataset, grain.MapDataset]:
@@ -311,6 +325,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> stat
   eval_hook = None
   if config.train.eval_every > 0 and len(validation_pairs):
     validation = next(iter(validation_pairs.batch(min(int(config.eval.batch_size), len(validation_pairs)))))
-    eval_hook = CausalInitEval(config, workdir, model, objective, preparer.host_arrays(validation))
+    eval_hook = CausalInitEval(config, workdir, model, objective, preparer.unsharded(validation))
   return loop.train_loop(config, workdir, lambda: sharding.init_sharded(create, abstract, params, rng), abstract,
                          jitted, iterator, preparer, eval_hook)

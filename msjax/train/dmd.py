@@ -323,7 +323,7 @@ class DMDEval:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, model: dit.WanDiT, objective: DMDObjective,
-               teacher_model: inference.Model, null_context: jax.Array, validation_batch: dict[str, np.ndarray]):
+               teacher_model: inference.Model, null_context: jax.Array, validation_batch: dict[str, jax.Array]):
     self.config = config
     self.workdir = workdir
     self.teacher_params = teacher_model.dit_params
@@ -430,7 +430,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> DMDS
         batch_size=min(int(config.eval.batch_size), len(validation))))
     eval_preparer = causal_init.StudentPreparer(mesh, teacher_model, ("latents",) + CONDITION_KEYS)
     eval_hook = DMDEval(config, workdir, model, objective, teacher_model, null_context,
-                        eval_preparer.host_arrays(validation_batch))
+                        eval_preparer.unsharded(validation_batch))
   fresh_state = lambda: sharding.init_sharded(create, abstract, params, critic_params, rng)
   return loop.train_loop(config, workdir, fresh_state, abstract, train_step, iterator, preparer, eval_hook)
 

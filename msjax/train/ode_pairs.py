@@ -9,7 +9,8 @@ text-motion guidance of `config.guidance`. Stored per clip:
                                         (`flow.consistency_timesteps`); states[0] is the starting noise (t = 1)
   timesteps    float32 [K]              the times of `states` (the Euler grid times actually used)
   clean        float32 [F, h, w, C]     the end of the path (t = 0): the regression target
-  first_latent float32 [h, w, C], track_grid float32 [T, h, w, d], prompt str: the conditioning, to replay it
+  first_latent float32 [h, w, C], the pipeline's compact track fields (`pipeline.TRACK_FIELDS`: points,
+               visibility, ID embeddings; rasterised on the device when read) and prompt str: the conditioning
 Timestep choice: each student time t_k = shift(1 - k/K) is matched to the nearest time of the Euler grid
 shift(1 - j/N). The grid holds every t_k exactly when N is a multiple of K (j = kN/K, the default), so then no
 interpolation happens; otherwise the nearest grid time is used and stored, so the student regresses at the
@@ -58,7 +59,7 @@ from msjax.train import teacher
 LAYOUT_FILE = "pairs.json"
 SHARD_PATTERN = "shard_{:05d}.npz"
 # Per-clip arrays of a shard are stored as `<field>/<clip index in the shard>`, so one clip reads alone.
-ARRAY_FIELDS = ("states", "timesteps", "clean", "first_latent", "track_grid")
+ARRAY_FIELDS = ("states", "timesteps", "clean", "first_latent") + pipeline.TRACK_FIELDS
 PROMPT_FIELD = "prompt"
 FIELDS = ARRAY_FIELDS + (PROMPT_FIELD,)
 
@@ -104,6 +105,7 @@ class PairLayout:
   euler_indices: tuple[int, ...]  # where on the Euler grid each stored state sits
   timesteps: tuple[float, ...]  # their times
   teacher_checkpoint: str
+  fields: tuple[str, ...]  # what each clip stores (folders of an older format are refused, not misread)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> PairLayout:
@@ -120,7 +122,7 @@ class PairLayout:
                          float(config.guidance.motion_scale)),
                euler_indices=tuple(int(i) for i in indices),
                timesteps=tuple(float(euler_times[i]) for i in indices),
-               teacher_checkpoint=os.path.abspath(config.teacher_checkpoint))
+               teacher_checkpoint=os.path.abspath(config.teacher_checkpoint), fields=FIELDS)
 
   @property
   def num_shards(self) -> int:
@@ -135,7 +137,10 @@ class PairLayout:
 
   @classmethod
   def from_json(cls, values: dict[str, Any]) -> PairLayout:
-    tuples = {name: tuple(values[name]) for name in ("guidance", "euler_indices", "timesteps")}
+    missing = sorted({field.name for field in dataclasses.fields(cls)} - set(values))
+    if missing:
+      raise ValueError(f"no {', '.join(missing)} (made by an older msjax)")
+    tuples = {name: tuple(values[name]) for name in ("guidance", "euler_indices", "timesteps", "fields")}
     return cls(**dict(values, **tuples))
 
 
@@ -246,6 +251,7 @@ def generate(config: ml_collections.ConfigDict, directory: str,
   null_context = model.text_encoder.null_context(model.text_params)[0]
   iterator = pipeline.make_train_pipeline(config, data_source=teacher.make_data_source(config, "train"),
                                           codec=model.codec, seed=layout.seed, batch_size=layout.shard_size)
+  model_inputs = pipeline.make_device_inputs(config, model.codec, keep=("first_latent", "track_grid"))
   latent_shape = (layout.shard_size, geo.latent_frames, geo.latent_height, geo.latent_width, geo.latent_channels)
   progress = tqdm.tqdm(total=layout.num_shards, initial=layout.num_shards - len(missing), unit="shard",
                        desc=f"ODE pairs -> {directory}", dynamic_ncols=True)
@@ -256,12 +262,14 @@ def generate(config: ml_collections.ConfigDict, directory: str,
         continue
       context, _ = model.text_encoder.encode(model.text_params, host_batch[PROMPT_FIELD])
       noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(layout.seed), shard), latent_shape)
-      states, clean = sample(model.dit_params, noise, conditioning(host_batch, context, spec), null_context)
+      inputs = model_inputs({name: host_batch[name] for name in pipeline.HOST_FIELDS})
+      states, clean = sample(model.dit_params, noise, conditioning(inputs, context, spec), null_context)
       count = layout.shard_clips(shard)
       timesteps = np.broadcast_to(np.asarray(layout.timesteps, np.float32), (count, len(layout.timesteps)))
       clips = {"states": np.asarray(states[:count]), "timesteps": timesteps, "clean": np.asarray(clean[:count]),
-               "first_latent": host_batch["first_latent"][:count], "track_grid": host_batch["track_grid"][:count],
-               PROMPT_FIELD: host_batch[PROMPT_FIELD][:count]}
+               "first_latent": np.asarray(inputs["first_latent"][:count]),
+               PROMPT_FIELD: host_batch[PROMPT_FIELD][:count],
+               **{name: host_batch[name][:count] for name in pipeline.TRACK_FIELDS}}
       write_shard(shard_path(directory, shard), clips)
       progress.update(1)
   return layout
@@ -306,6 +314,9 @@ class PairSource:
 
 def check_layout_matches(layout: PairLayout, config: ml_collections.ConfigDict, directory: str) -> None:
   """The pairs must be of this preset and at the student's timesteps (a changed shift or K needs new pairs)."""
+  if layout.fields != FIELDS:
+    raise PairsError(f"{directory}: the pairs store {list(layout.fields)}, this version of msjax reads "
+                     f"{list(FIELDS)}; make new pairs")
   student_times = np.asarray(rollout.student_timesteps(config))
   if layout.preset != config.preset or len(layout.timesteps) != len(student_times) or not np.allclose(
       layout.timesteps, student_times, atol=1.0 / layout.euler_steps):

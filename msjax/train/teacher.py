@@ -107,15 +107,22 @@ def make_data_source(config: ml_collections.ConfigDict, split: str, fallback_spl
 
 
 class BatchPreparer:
-  """Host batch from the pipeline -> the sharded device batch the step reads (text handled per encoder)."""
+  """Host batch from the pipeline -> the device batch the step reads (text handled per encoder).
 
-  def __init__(self, mesh: jax.sharding.Mesh, text_encoder: text_lib.TextEncoder, frozen_text_params: Any):
+  Only the compact host fields travel; latents and track grid are made on the device (`pipeline.device_inputs`),
+  born with the batch sharding of the mesh.
+  """
+
+  def __init__(self, mesh: jax.sharding.Mesh, text_encoder: text_lib.TextEncoder, frozen_text_params: Any,
+               config: ml_collections.ConfigDict, codec: codecs.Codec):
     self.mesh = mesh
     self.text_encoder = text_encoder
     self.frozen_text_params = frozen_text_params
+    self._sharded = pipeline.make_device_inputs(config, codec, out_shardings=sharding.batch_sharding(mesh))
+    self._unsharded = pipeline.make_device_inputs(config, codec)
 
   def host_arrays(self, host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    arrays = {name: host_batch[name] for name in ("latents", "first_latent", "track_grid")}
+    arrays = {name: host_batch[name] for name in pipeline.HOST_FIELDS}
     if self.text_encoder.trainable:
       inputs = self.text_encoder.prepare(host_batch["prompt"])
       arrays["text_ids"], arrays["text_mask"] = inputs.ids, inputs.mask
@@ -124,8 +131,12 @@ class BatchPreparer:
       arrays["context"] = np.asarray(context)
     return arrays
 
+  def unsharded(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """The model inputs on the default device (small eval batches need not divide across the mesh)."""
+    return self._unsharded(self.host_arrays(host_batch))
+
   def __call__(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return sharding.shard_batch(self.mesh, self.host_arrays(host_batch))
+    return self._sharded(sharding.shard_batch(self.mesh, self.host_arrays(host_batch)))
 
 
 # ---- model and objective ----------------------------------------------------------------------------------
@@ -265,7 +276,7 @@ class TeacherEval:
     self.model = model
     self.text_encoder = text_encoder
     self.frozen_text_params = frozen_text_params
-    self.batch = preparer.host_arrays(validation_batch)  # host arrays, passed to the jitted functions
+    self.batch = preparer.unsharded(validation_batch)
     self.eval_timesteps = tuple(config.eval.timesteps)
     self.num_samples = min(int(config.eval.num_samples), self.batch["latents"].shape[0])
     self._loss = jax.jit(self._validation_loss)
@@ -379,7 +390,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> stat
   iterator = pipeline.make_train_pipeline(config, data_source=make_data_source(config, "train"), codec=codec,
                                           seed=config.seed, batch_size=local_batch,
                                           worker_count=config.data.worker_count)
-  preparer = BatchPreparer(mesh, text_encoder, frozen_text_params)
+  preparer = BatchPreparer(mesh, text_encoder, frozen_text_params, config, codec)
   eval_hook = None
   if config.train.eval_every > 0:
     validation = make_data_source(config, "validation", fallback_split="train")
