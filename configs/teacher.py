@@ -15,7 +15,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.init_checkpoint = ""  # converted Wan DiT params (python -m msjax.convert wan ...); "" = random init
 
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = "sprites"  # sprites | video_folder
+  # sprites: a tfds dataset prepared once under data_dir; sprites_rendered: the same clips rendered as they are
+  # read (nothing prepared, any num_train up to 1e6; for long runs); video_folder: your clips (data_dir caches).
+  c.data.dataset = "sprites"
   c.data.data_dir = "data/tfds"
   c.data.video_folder = ""  # folder of name.mp4 + name.npz (+ name.txt) clips for dataset=video_folder
   # tfds (without TensorFlow) must hold a split in its 1 GB write buffer: ~95 KB per 64x64x45 clip -> <= ~10k.

@@ -241,3 +241,21 @@ def test_rejects_a_dataset_prepared_for_another_size(config, codec, train_source
 def test_rejects_an_empty_source(config, codec):
   with pytest.raises(ValueError, match="is empty"):
     _pipeline(config, codec, [])
+
+
+def test_rendered_sprites_feed_the_same_pipeline(codec):
+  from configs import teacher as teacher_config  # pylint: disable=g-import-not-at-top
+  from msjax.train import teacher  # pylint: disable=g-import-not-at-top
+  config = teacher_config.get_config()
+  config.data.dataset = "sprites_rendered"
+  config.data.num_train = 200_000
+  source = teacher.make_data_source(config, "train")
+  assert len(source) == 200_000
+  iterator = _pipeline(config, codec, source, seed=1)
+  batch = next(iterator)
+  iterator.close()
+  assert batch[pipeline.VIDEO].shape == (BATCH, 45, 64, 64, 3)
+  assert batch[pipeline.TRACK_VISIBLE][:, 0].any()
+  config.data.dataset = "somewhere"
+  with pytest.raises(ValueError, match="'sprites', 'sprites_rendered' or 'video_folder'"):
+    teacher.make_data_source(config, "train")

@@ -69,3 +69,35 @@ def test_a_split_too_big_for_the_write_buffer_is_refused_up_front():
   """Without TensorFlow tfds cannot spill a split to disk: refuse it before rendering anything."""
   with pytest.raises(ValueError, match=r"tfds' in-memory write buffer .* use at most \d+ clips per split"):
     tfds_sprites.SpritesBuilderConfig(name="huge", sprites=sprites.SpritesConfig(), n_train=20_000, n_val=4)
+
+
+def test_rendered_source_serves_the_stored_examples(sources):
+  config, source = sources
+  stored = source["validation"]
+  offset = tfds_sprites.VALIDATION_SEED_OFFSET
+  rendered = tfds_sprites.RenderedSprites(sprites=config.sprites, seeds=range(offset, offset + config.n_val))
+  assert len(rendered) == len(stored)
+  by_seed = {int(stored[i]["seed"]): stored[i] for i in range(len(stored))}
+  for index in range(len(rendered)):
+    example = rendered[index]
+    expected = by_seed[int(example["seed"])]
+    assert set(example) == set(expected)
+    for key, value in expected.items():
+      if isinstance(value, bytes):
+        assert example[key] == value.decode(), key
+      else:
+        np.testing.assert_array_equal(example[key], value, err_msg=key)
+
+
+def test_rendered_split_of_a_preset_has_no_size_limit_and_renders_only_what_is_read():
+  config = models.tiny()
+  train = tfds_sprites.rendered_split(config, "train", n_train=500_000, n_val=2)
+  assert len(train) == 500_000  # 10x what a stored split may hold; nothing is rendered up front
+  example = train[123_456]
+  assert int(example["seed"]) == 123_456 and example["video"].shape == (45, 64, 64, 3)
+  validation = tfds_sprites.rendered_split(config, "validation", n_train=500_000, n_val=2)
+  assert [int(validation[i]["seed"]) for i in range(2)] == [tfds_sprites.VALIDATION_SEED_OFFSET + i for i in (0, 1)]
+  with pytest.raises(ValueError, match="not 'test'"):
+    tfds_sprites.rendered_split(config, "test", n_train=4, n_val=2)
+  with pytest.raises(ValueError, match="train seeds stay below the validation seeds"):
+    tfds_sprites.rendered_split(config, "train", n_train=tfds_sprites.VALIDATION_SEED_OFFSET + 1, n_val=2)

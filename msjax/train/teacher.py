@@ -75,6 +75,9 @@ def make_data_source(config: ml_collections.ConfigDict, split: str, fallback_spl
   split, e.g. a video folder without a validation/ subfolder), preparing the tfds dataset on first use."""
   data = config.data
   geo = config_utils.geometry(config)
+  if data.dataset == "sprites_rendered":
+    from msjax.data import tfds_sprites  # pylint: disable=g-import-not-at-top
+    return tfds_sprites.rendered_split(config, split, n_train=data.num_train, n_val=data.num_validation)
   if data.dataset == "sprites":
     from msjax.data import tfds_sprites  # pylint: disable=g-import-not-at-top
     builder_config = tfds_sprites.SpritesBuilderConfig.from_config(config, n_train=data.num_train,
@@ -92,7 +95,8 @@ def make_data_source(config: ml_collections.ConfigDict, split: str, fallback_spl
     builder = tfds_videos.VideoFolder(data_dir=data.data_dir, config=builder_config)
     download_config = tfds.download.DownloadConfig(manual_dir=data.video_folder)
   else:
-    raise ValueError(f"config.data.dataset must be 'sprites' or 'video_folder', got {data.dataset!r}")
+    raise ValueError(f"config.data.dataset must be 'sprites', 'sprites_rendered' or 'video_folder', got "
+                     f"{data.dataset!r}")
   if not builder.is_prepared():
     print(f"preparing dataset {builder.name}/{builder_config.name} under {data.data_dir} (first use)", flush=True)
     builder.download_and_prepare(download_config=download_config)
