@@ -97,19 +97,15 @@ def student_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> opt
 CONTEXT = "context"  # the batch field of the encoded prompts
 
 
-class StudentPreparer:
-  """Host batch -> device batch: the model inputs named in `keys` (made on the device from the compact host
-  fields, `pipeline.device_inputs`, or passed through), plus `context`, the prompts encoded by the teacher's
+class StudentPreparer(teacher.DevicePreparer):
+  """The student stages' batches: the model inputs named in `keys` (made on the device from the compact host
+  fields, or passed through, e.g. the pairs' states), plus `context`, the prompts encoded by the teacher's
   frozen text encoder (so the student, the teacher and the critic all read the same text)."""
 
   def __init__(self, mesh: jax.sharding.Mesh, teacher_model: inference.Model, keys: Sequence[str]):
-    self.mesh = mesh
-    self.teacher_model = teacher_model
     self.keys = tuple(keys)
-    keep = self.keys + (CONTEXT,)
-    config, codec = teacher_model.config, teacher_model.codec
-    self._sharded = pipeline.make_device_inputs(config, codec, keep, out_shardings=sharding.batch_sharding(mesh))
-    self._unsharded = pipeline.make_device_inputs(config, codec, keep)
+    super().__init__(mesh, teacher_model.config, teacher_model.codec, self.keys + (CONTEXT,))
+    self.teacher_model = teacher_model
 
   def host_arrays(self, host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     wanted = set(self.keys) | set(pipeline.HOST_FIELDS)
@@ -117,13 +113,6 @@ class StudentPreparer:
     context, _ = self.teacher_model.text_encoder.encode(self.teacher_model.text_params, host_batch["prompt"])
     arrays[CONTEXT] = np.asarray(context)
     return arrays
-
-  def unsharded(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """The inputs on the default device (small eval batches need not divide across the mesh)."""
-    return self._unsharded(self.host_arrays(host_batch))
-
-  def __call__(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return self._sharded(sharding.shard_batch(self.mesh, self.host_arrays(host_batch)))
 
 
 def stream_clip(dit_params: Any, config: ml_collections.ConfigDict, cond: Conditioning, noises: jax.Array,

@@ -110,20 +110,37 @@ def make_data_source(config: ml_collections.ConfigDict, split: str, fallback_spl
   return sources[split]
 
 
-class BatchPreparer:
-  """Host batch from the pipeline -> the device batch the step reads (text handled per encoder).
+class DevicePreparer:
+  """Host batch -> device batch, for every stage: `host_arrays` (per stage) picks and encodes on the host, then
+  the compact fields travel and the model inputs are made on the device (`pipeline.device_inputs`), born with
+  the batch sharding of the mesh. `keep` names the inputs the stage reads (None: all)."""
 
-  Only the compact host fields travel; latents and track grid are made on the device (`pipeline.device_inputs`),
-  born with the batch sharding of the mesh.
-  """
+  def __init__(self, mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, codec: codecs.Codec,
+               keep: tuple[str, ...] | None = None):
+    self.mesh = mesh
+    self._sharded = pipeline.make_device_inputs(config, codec, keep, out_shardings=sharding.batch_sharding(mesh))
+    self._unsharded = pipeline.make_device_inputs(config, codec, keep)
+
+  def host_arrays(self, host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    raise NotImplementedError
+
+  def unsharded(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """The model inputs on the default device (small eval batches need not divide across the mesh)."""
+    return self._unsharded(self.host_arrays(host_batch))
+
+  def __call__(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return self._sharded(sharding.shard_batch(self.mesh, self.host_arrays(host_batch)))
+
+
+class BatchPreparer(DevicePreparer):
+  """The teacher's batches: the pipeline's compact fields plus the text (token ids for a trainable encoder,
+  the encoded context for a frozen one)."""
 
   def __init__(self, mesh: jax.sharding.Mesh, text_encoder: text_lib.TextEncoder, frozen_text_params: Any,
                config: ml_collections.ConfigDict, codec: codecs.Codec):
-    self.mesh = mesh
+    super().__init__(mesh, config, codec)
     self.text_encoder = text_encoder
     self.frozen_text_params = frozen_text_params
-    self._sharded = pipeline.make_device_inputs(config, codec, out_shardings=sharding.batch_sharding(mesh))
-    self._unsharded = pipeline.make_device_inputs(config, codec)
 
   def host_arrays(self, host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     arrays = {name: host_batch[name] for name in pipeline.HOST_FIELDS}
@@ -134,13 +151,6 @@ class BatchPreparer:
       context, _ = self.text_encoder.encode(self.frozen_text_params, host_batch["prompt"])
       arrays["context"] = np.asarray(context)
     return arrays
-
-  def unsharded(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """The model inputs on the default device (small eval batches need not divide across the mesh)."""
-    return self._unsharded(self.host_arrays(host_batch))
-
-  def __call__(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return self._sharded(sharding.shard_batch(self.mesh, self.host_arrays(host_batch)))
 
 
 # ---- model and objective ----------------------------------------------------------------------------------
