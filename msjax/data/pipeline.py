@@ -117,9 +117,11 @@ def device_inputs(batch: dict[str, Any], *, codec: Codec, height: int, width: in
   become `track_grid`; every other field passes through. Either group may be absent (ODE pairs store no video)."""
   inputs = {name: value for name, value in batch.items() if name not in HOST_FIELDS}
   if VIDEO in batch:
+    chex.assert_rank(batch[VIDEO], 5)  # [B, T, H, W, 3]
     latents = codec.encode(None, video_to_unit_range(batch[VIDEO]))
     inputs["latents"], inputs["first_latent"] = latents, latents[:, 0]
   if TRACK_POINTS in batch:
+    chex.assert_rank([batch[name] for name in TRACK_FIELDS], [4, 3, 3])  # [B, T, N, 2], [B, T, N], [B, N, d]
     rasterize = functools.partial(tracks_lib.rasterize_jax, height=height, width=width,
                                   stride=codec.spatial_stride)
     inputs["track_grid"] = jax.vmap(rasterize)(*(batch[name] for name in TRACK_FIELDS))
