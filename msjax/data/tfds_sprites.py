@@ -28,6 +28,16 @@ from msjax.data.sprites import Clip, SpritesConfig, render_clip
 VALIDATION_SEED_OFFSET = 10**6
 
 
+def split_seeds(n_train: int, n_val: int, owner: str) -> dict[str, range]:
+  """The seeds of each split (module docstring); `owner` names the dataset in the error of a bad size."""
+  if not 0 <= n_train <= VALIDATION_SEED_OFFSET:
+    raise ValueError(f"{owner}: n_train must be in [0, {VALIDATION_SEED_OFFSET}] so the train seeds stay below "
+                     f"the validation seeds, got {n_train}")
+  if n_val < 0:
+    raise ValueError(f"{owner}: n_val must be >= 0, got {n_val}")
+  return {"train": range(n_train), "validation": range(VALIDATION_SEED_OFFSET, VALIDATION_SEED_OFFSET + n_val)}
+
+
 class ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A generator builder that writes array_record by default (the one format readable without TensorFlow)."""
 
@@ -48,11 +58,7 @@ class SpritesBuilderConfig(tfds.core.BuilderConfig):
   n_val: int = 4
 
   def __post_init__(self):
-    if not 0 <= self.n_train <= VALIDATION_SEED_OFFSET:
-      raise ValueError(f"sprites config {self.name!r}: n_train must be in [0, {VALIDATION_SEED_OFFSET}] so the "
-                       f"train seeds stay below the validation seeds, got {self.n_train}")
-    if self.n_val < 0:
-      raise ValueError(f"sprites config {self.name!r}: n_val must be >= 0, got {self.n_val}")
+    self.split_seeds()  # checks the split sizes
     split_bytes = max(self.n_train, self.n_val) * self.example_track_bytes()
     if split_bytes > tfds_shuffle.MAX_MEM_BUFFER_SIZE:
       fitting = tfds_shuffle.MAX_MEM_BUFFER_SIZE // self.example_track_bytes()
@@ -76,8 +82,7 @@ class SpritesBuilderConfig(tfds.core.BuilderConfig):
     return cls(name=name or default_name, sprites=sprites, n_train=n_train, n_val=n_val)
 
   def split_seeds(self) -> dict[str, range]:
-    return {"train": range(self.n_train),
-            "validation": range(VALIDATION_SEED_OFFSET, VALIDATION_SEED_OFFSET + self.n_val)}
+    return split_seeds(self.n_train, self.n_val, f"sprites config {self.name!r}")
 
 
 def _pad_sprites(values: np.ndarray, axis: int, max_sprites: int) -> np.ndarray:
@@ -125,10 +130,7 @@ class RenderedSprites:
 
 def rendered_split(config: ml_collections.ConfigDict, split: str, *, n_train: int, n_val: int) -> RenderedSprites:
   """The `split` ('train' or 'validation') of a preset's sprites, rendered on demand (same seeds as the builder)."""
-  if not 0 <= n_train <= VALIDATION_SEED_OFFSET or n_val < 0:
-    raise ValueError(f"rendered sprites need 0 <= n_train <= {VALIDATION_SEED_OFFSET} (train seeds stay below the "
-                     f"validation seeds) and n_val >= 0, got n_train={n_train}, n_val={n_val}")
-  seeds = {"train": range(n_train), "validation": range(VALIDATION_SEED_OFFSET, VALIDATION_SEED_OFFSET + n_val)}
+  seeds = split_seeds(n_train, n_val, "rendered sprites")
   if split not in seeds:
     raise ValueError(f"rendered sprites have the splits {', '.join(seeds)}, not {split!r}")
   return RenderedSprites(sprites=SpritesConfig.from_config(config), seeds=seeds[split])
