@@ -27,6 +27,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
 
   c.flow = ml_collections.ConfigDict()
   c.flow.shift = 6.0  # timestep shift k (paper: 6.0)
+  # x0 prediction turns the velocity loss into x0 error / t^2, so a rare low-t sample outweighs a batch (loss
+  # spikes, clipped steps). > 0 weights each sample by min(1, t / loss_min_t)^2, capping that factor at
+  # 1 / loss_min_t^2. Velocity-predicting presets keep Wan's plain loss.
+  c.flow.loss_min_t = 0.25 if c.model.prediction == "x0" else 0.0
 
   c.dropout = ml_collections.ConfigDict()
   c.dropout.text = 0.1  # so v(null text, tracks) exists for joint guidance

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from msjax.convert import common as convert_common
+from msjax.diffusion import flow
 from msjax.models import text as text_lib
 from msjax.models.track_head import Conditioning
 from msjax.train import loop
@@ -78,6 +79,20 @@ def test_loss_target_is_noise_minus_data():
   for scale in (0.0, 2.0):
     loss = _loss({"unused": jnp.zeros(())}, _batch(latent_scale=scale), _objective(), model=ZeroModel())
     assert loss == pytest.approx(1.0 + scale**2, rel=0.05)
+
+
+def test_loss_min_t_caps_the_weight_of_low_t_samples():
+  # ZeroModel pays |eps - 0|^2 ~ 1 per sample for zero latents; the floor scales sample b by min(1, t_b/floor)^2.
+  batch, params, seed = _batch(latent_scale=0.0), {"unused": jnp.zeros(())}, 3
+  plain = _loss(params, batch, _objective(), model=ZeroModel(), seed=seed)
+  assert _loss(params, batch, _objective(loss_min_t=1e-9), model=ZeroModel(), seed=seed) == pytest.approx(plain)
+  t_rng = jax.random.split(jax.random.PRNGKey(seed), 3)[0]
+  t = np.asarray(flow.sample_training_timesteps(t_rng, (B,), _objective().shift))
+  floor = float(np.sort(t)[B // 2])  # half the samples sit below it
+  expected = plain * float(np.mean(np.minimum(1.0, t / floor) ** 2))
+  assert expected < 0.85 * plain  # so the check below tells weighted from unweighted
+  assert _loss(params, batch, _objective(loss_min_t=floor), model=ZeroModel(), seed=seed) == pytest.approx(
+      expected, rel=0.1)
 
 
 def test_dropout_replaces_text_and_tracks_with_the_null_conditions():

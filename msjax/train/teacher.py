@@ -59,12 +59,14 @@ class TeacherObjective:
   motion_dropout: float
   image_condition: str
   use_tracks: bool
+  loss_min_t: float = 0.0
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> TeacherObjective:
     return cls(shift=float(config.flow.shift), text_dropout=float(config.dropout.text),
                motion_dropout=float(config.dropout.motion), image_condition=config.model.image_condition,
-               use_tracks=config.model.track_channels > 0)
+               use_tracks=config.model.track_channels > 0,
+               loss_min_t=float(config.flow.get("loss_min_t", 0.0)))
 
 
 # ---- data -------------------------------------------------------------------------------------------------
@@ -196,6 +198,8 @@ def teacher_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, mo
   v = model.apply({"params": params[DIT_PARAMS]}, z_t, t, cond)
   chex.assert_equal_shape([v, z0])
   per_frame = jnp.mean(jnp.square(v - flow.velocity_target(z0, noise)), axis=(2, 3, 4))  # [B, F]
+  if objective.loss_min_t > 0:
+    per_frame = per_frame * jnp.square(jnp.minimum(1.0, t / objective.loss_min_t))[:, None]
   weights = frame_weights(num_frames, objective)
   loss = jnp.sum(per_frame * weights) / (batch_size * jnp.sum(weights))
   return loss, {"timestep_mean": jnp.mean(t)}
