@@ -11,6 +11,10 @@ class ConfigError(ValueError):
   """A config whose numbers do not fit together; the message says which and why."""
 
 
+# How a track point is written into the latent grid (config.tracks.splat; msjax.data.tracks.rasterize).
+TRACK_SPLATS = ("nearest", "bilinear")
+
+
 def latent_frames(num_frames: int, temporal_stride: int) -> int:
   """Wan's 1 + 4k rule: frame 0 is a latent frame of its own, then one latent frame per `temporal_stride`."""
   if num_frames < 1 or (num_frames - 1) % temporal_stride:
@@ -60,6 +64,8 @@ def geometry(config: ml_collections.ConfigDict) -> Geometry:
   head_dim = m.dim // m.num_heads
   if head_dim % 2 or head_dim < 6:
     raise ConfigError(f"head_dim {head_dim} must be even and >= 6 for 3-axis RoPE")
+  if config.tracks.splat not in TRACK_SPLATS:
+    raise ConfigError(f"tracks.splat must be one of {TRACK_SPLATS}, got {config.tracks.splat!r}")
   lh, lw = v.height // ss, v.width // ss
   image_channels = {"concat": m.mask_channels + codec.latent_channels, "none": 0, "replace": 0}
   if m.image_condition not in image_channels:

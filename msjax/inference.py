@@ -244,7 +244,7 @@ def track_grid(tracks: tracks_lib.Tracks, config: ml_collections.ConfigDict, *, 
   ids = tracks_lib.random_track_ids(rng, tracks.num_tracks, config.tracks.max_id)
   embeddings = tracks_lib.track_embeddings(ids, config.tracks.embed_dim)
   grid = tracks_lib.rasterize(tracks.points, tracks.visible, embeddings, height=geo.height, width=geo.width,
-                              stride=config.codec.spatial_stride)
+                              stride=config.codec.spatial_stride, splat=config.tracks.splat)
   chex.assert_shape(grid, (tracks.num_frames, geo.latent_height, geo.latent_width, config.tracks.embed_dim))
   return grid
 

@@ -70,6 +70,10 @@ def test_track_grid_is_seeded_and_places_points_in_their_cells():
   assert np.abs(grid[:, 10, 3]).sum() > 0
   np.testing.assert_array_equal(grid, inference.track_grid(tracks, config, seed=1))
   assert not np.array_equal(grid, inference.track_grid(tracks, config, seed=2))  # another ID
+  config.tracks.splat = "bilinear"  # (13, 42) is 1/4 cell left of the centre (14, 42) of cell (10, 3)
+  shared = np.abs(inference.track_grid(tracks, config, seed=1)).sum(-1)
+  np.testing.assert_allclose(shared[0, 10, 2:4] / shared[0, 10, 2:4].sum(), [0.25, 0.75], atol=1e-6)
+  assert np.count_nonzero(shared) == 2 * 9
 
 
 def test_first_latent_is_the_codec_encoding_of_the_frame(exported):

@@ -105,6 +105,15 @@ def test_host_batch_is_compact_and_the_device_makes_the_model_inputs(config, cod
   only = pipeline.make_device_inputs(config, codec, keep=("track_grid",))(
       {name: batch[name] for name in pipeline.HOST_FIELDS})
   assert list(only) == ["track_grid"]
+  bilinear = config.copy_and_resolve_references()
+  bilinear.tracks.splat = "bilinear"
+  shared = pipeline.make_device_inputs(bilinear, codec, keep=("track_grid",))(
+      {name: batch[name] for name in pipeline.HOST_FIELDS})["track_grid"]
+  expected = tracks_lib.rasterize(batch[pipeline.TRACK_POINTS][0], batch[pipeline.TRACK_VISIBLE][0],
+                                  batch[pipeline.TRACK_EMBEDDINGS][0], height=geom.height, width=geom.width,
+                                  stride=codec.spatial_stride, splat="bilinear")
+  np.testing.assert_allclose(shared[0], expected, atol=1e-5)
+  assert not np.allclose(shared[0], only["track_grid"][0], atol=1e-3)  # the sprites' points are off-centre
   with pytest.raises(KeyError, match="cannot give"):
     pipeline.make_device_inputs(config, codec, keep=("latents",))(
         {name: batch[name] for name in pipeline.TRACK_FIELDS})

@@ -253,8 +253,8 @@ def test_grid_points_are_cell_centres():
 # ----------------------------------------------------------------------------------------------------------
 # Rasterisation.
 
-def _raster(points, visible, embeddings):
-  return tracks_lib.rasterize(points, visible, embeddings, height=HEIGHT, width=WIDTH, stride=STRIDE)
+def _raster(points, visible, embeddings, splat="nearest"):
+  return tracks_lib.rasterize(points, visible, embeddings, height=HEIGHT, width=WIDTH, stride=STRIDE, splat=splat)
 
 
 def test_rasterize_places_embedding_in_its_cell_and_zero_elsewhere():
@@ -282,11 +282,45 @@ def test_rasterize_sums_collisions_and_ignores_order():
   np.testing.assert_allclose(_raster(points[:, order], visible[:, order], embeddings[order]), grid, atol=1e-6)
 
 
-def test_rasterize_drops_points_outside_the_frame():
+@pytest.mark.parametrize("splat", ["nearest", "bilinear"])
+def test_rasterize_drops_points_outside_the_frame(splat):
   embeddings = tracks_lib.track_embeddings(np.array([5]), 8)
   for xy in ([-0.5, 2.0], [WIDTH, 2.0], [2.0, HEIGHT + 1.0], [3e10, -3e10]):
-    grid = _raster(np.array([[xy]], np.float32), np.ones((1, 1), bool), embeddings)
+    grid = _raster(np.array([[xy]], np.float32), np.ones((1, 1), bool), embeddings, splat)
     assert not grid.any(), xy
+
+
+def test_bilinear_splat_on_a_cell_centre_equals_nearest():
+  embeddings = tracks_lib.track_embeddings(np.array([7, 8]), 8)
+  centres = (np.array([[[1, 2], [4, 0]]], np.float32) + 0.5) * STRIDE  # cells (row 2, col 1) and (0, 4)
+  visible = np.ones((1, 2), bool)
+  np.testing.assert_allclose(_raster(centres, visible, embeddings, "bilinear"), _raster(centres, visible, embeddings),
+                             atol=1e-6)
+
+
+def test_bilinear_splat_encodes_the_position_inside_a_cell():
+  # One track per frame at random interior positions: the share of its embedding in each cell is a bilinear
+  # weight, the weights sum to 1, and their average cell centre is the point itself (which nearest loses).
+  rng = np.random.default_rng(0)
+  embedding = tracks_lib.track_embeddings(np.array([42]), 16)
+  cells_high, cells_wide = HEIGHT // STRIDE, WIDTH // STRIDE
+  points = rng.uniform(0.5 * STRIDE, [(cells_wide - 0.5) * STRIDE, (cells_high - 0.5) * STRIDE], (20, 1, 2))
+  grid = _raster(points.astype(np.float32), np.ones((20, 1), bool), embedding, "bilinear")
+  share = grid @ embedding[0] / (embedding[0] @ embedding[0])  # [T, rows, cols]
+  assert ((share > 1e-6).sum(axis=(1, 2)) <= 4).all()
+  np.testing.assert_allclose(share.sum(axis=(1, 2)), 1.0, atol=1e-5)
+  rows, cols = np.meshgrid(np.arange(cells_high), np.arange(cells_wide), indexing="ij")
+  centre_x = (np.einsum("trc,rc->t", share, cols) + 0.5) * STRIDE
+  centre_y = (np.einsum("trc,rc->t", share, rows) + 0.5) * STRIDE
+  np.testing.assert_allclose(np.stack([centre_x, centre_y], -1), points[:, 0], atol=1e-3)
+  nearest = _raster(points.astype(np.float32), np.ones((20, 1), bool), embedding) @ embedding[0]
+  assert not np.allclose(nearest, share * (embedding[0] @ embedding[0]), atol=1e-3)
+
+
+def test_rasterize_rejects_an_unknown_splat():
+  points, visible = _random_tracks()
+  with pytest.raises(ValueError, match="splat"):
+    _raster(points, visible, np.zeros((NUM_TRACKS, 8), np.float32), "cubic")
 
 
 def test_rasterize_rejects_stride_not_dividing_frame():
@@ -296,16 +330,18 @@ def test_rasterize_rejects_stride_not_dividing_frame():
                          stride=5)
 
 
-def test_numpy_and_jax_rasterisers_agree():
+@pytest.mark.parametrize("splat", ["nearest", "bilinear"])
+def test_numpy_and_jax_rasterisers_agree(splat):
   rng = np.random.default_rng(4)
   num_tracks = 40  # many tracks on a 4x6 grid: collisions are certain
   points = rng.uniform(-2, 1.1, (6, num_tracks, 2)) * [WIDTH, HEIGHT]  # some points fall outside
   points = points.astype(np.float32)
   visible = rng.uniform(size=(6, num_tracks)) < 0.8
   embeddings = tracks_lib.track_embeddings(tracks_lib.random_track_ids(rng, num_tracks, 1000), 16)
-  expected = tracks_lib.rasterize(points, visible, embeddings, height=HEIGHT, width=WIDTH, stride=STRIDE)
-  raster = jax.jit(tracks_lib.rasterize_jax, static_argnames=("height", "width", "stride"))
-  got = raster(points, visible, embeddings, height=HEIGHT, width=WIDTH, stride=STRIDE)
+  expected = tracks_lib.rasterize(points, visible, embeddings, height=HEIGHT, width=WIDTH, stride=STRIDE,
+                                  splat=splat)
+  raster = jax.jit(tracks_lib.rasterize_jax, static_argnames=("height", "width", "stride", "splat"))
+  got = raster(points, visible, embeddings, height=HEIGHT, width=WIDTH, stride=STRIDE, splat=splat)
   assert np.abs(expected).sum(axis=-1).astype(bool).sum() > 5  # the comparison is not between empty grids
   np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
 

@@ -14,6 +14,8 @@ import numpy as np
 import optax
 import pytest
 
+from configs import models
+from msjax import config_utils
 from msjax.train import loop, state as state_lib
 from tests import train_loop_toy as toy
 
@@ -152,3 +154,17 @@ def test_eval_hook_tensorboard_and_config_mismatch(tmp_path):
   config.model.hidden = toy.HIDDEN * 2
   with pytest.raises(loop.CheckpointMismatchError, match="model.hidden"):
     toy.run(config, str(tmp_path))
+
+
+def test_a_checkpoint_older_than_a_config_key_matches_the_value_it_was_trained_with():
+  # Checkpoints written before tracks.splat existed were rasterised with nearest cells.
+  config = models.tiny()
+  saved = loop._config_json(config)  # pylint: disable=protected-access
+  del saved["tracks"]["splat"]
+  loop.check_config_compatible(saved, config, "old")
+  config.tracks.splat = "bilinear"
+  with pytest.raises(loop.CheckpointMismatchError, match="tracks.splat: checkpoint 'nearest', config 'bilinear'"):
+    loop.check_config_compatible(saved, config, "old")
+  config.tracks.splat = "cubic"
+  with pytest.raises(config_utils.ConfigError, match="tracks.splat"):
+    config_utils.geometry(config)

@@ -112,7 +112,8 @@ def example_transform(example: dict, *, config: ml_collections.ConfigDict, codec
   }
 
 
-def device_inputs(batch: dict[str, Any], *, codec: Codec, height: int, width: int) -> dict[str, jax.Array]:
+def device_inputs(batch: dict[str, Any], *, codec: Codec, height: int, width: int,
+                  splat: str = "nearest") -> dict[str, jax.Array]:
   """Compact batch -> model inputs (jittable): `video` becomes `latents` and `first_latent`, the track fields
   become `track_grid`; every other field passes through. Either group may be absent (ODE pairs store no video)."""
   inputs = {name: value for name, value in batch.items() if name not in HOST_FIELDS}
@@ -123,7 +124,7 @@ def device_inputs(batch: dict[str, Any], *, codec: Codec, height: int, width: in
   if TRACK_POINTS in batch:
     chex.assert_rank([batch[name] for name in TRACK_FIELDS], [4, 3, 3])  # [B, T, N, 2], [B, T, N], [B, N, d]
     rasterize = functools.partial(tracks_lib.rasterize_jax, height=height, width=width,
-                                  stride=codec.spatial_stride)
+                                  stride=codec.spatial_stride, splat=splat)
     inputs["track_grid"] = jax.vmap(rasterize)(*(batch[name] for name in TRACK_FIELDS))
   return inputs
 
@@ -135,7 +136,7 @@ def make_device_inputs(config: ml_collections.ConfigDict, codec: Codec, keep: tu
   geom = config_utils.geometry(config)
 
   def expand(batch: dict[str, Any]) -> dict[str, jax.Array]:
-    inputs = device_inputs(batch, codec=codec, height=geom.height, width=geom.width)
+    inputs = device_inputs(batch, codec=codec, height=geom.height, width=geom.width, splat=config.tracks.splat)
     if keep is None:
       return inputs
     missing = [name for name in keep if name not in inputs]

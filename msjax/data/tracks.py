@@ -2,7 +2,8 @@
 
 Coordinate convention (shared with `msjax.data.sprites`): a track point is a continuous pixel position (x, y);
 pixel (row i, column j) covers [j, j+1) x [i, i+1), so a point lies in pixel (floor(y), floor(x)) and, after
-a codec with spatial stride s, in latent cell (floor(y / s), floor(x / s)) (paper Eq. 1).
+a codec with spatial stride s, in latent cell (floor(y / s), floor(x / s)) (paper Eq. 1). With
+config.tracks.splat = "bilinear" a point is instead shared among the four cells whose centres surround it.
 
 Track ID embeddings are transformer-style sinusoids of a random integer ID: the first half of the channels are
 sin(id * w_k), the second half cos(id * w_k), with w_k = EMBED_BASE ** (-k / (dim / 2)), k = 0 .. dim/2 - 1.
@@ -265,56 +266,75 @@ def _check_raster_args(points, visible, embeddings, height: int, width: int, str
   return height // stride, width // stride
 
 
-def _cell_index(xp, points, visible, cells_high: int, cells_wide: int, stride: int):
-  """Flat (frame, row, column) cell of every point, and which points land inside the grid while visible.
+def _splat_corners(xp, points, visible, cells_high: int, cells_wide: int, stride: int, splat: str):
+  """Where each point is written: flat (frame, row, column) cells, weights and keep masks, each [K, T, N].
 
-  `xp` is numpy or jax.numpy, so the numpy and jax rasterisers share these exact maths.
+  nearest: K = 1, the cell holding the point, weight 1. bilinear: K = 4, the cells whose centres surround the
+  point, with bilinear weights (a point on a cell centre puts all its weight there). Either way only visible
+  points inside the frame count, and corners outside the grid are dropped. `xp` is numpy or jax.numpy, so the
+  numpy and jax rasterisers share these exact maths.
   """
+  if splat not in config_utils.TRACK_SPLATS:
+    raise ValueError(f"splat must be one of {config_utils.TRACK_SPLATS}, got {splat!r}")
   num_frames = points.shape[0]
+  x, y = points[..., 0] / stride, points[..., 1] / stride  # in cells
   # Clipping to one cell beyond each edge keeps far-away points out of the grid without int32 overflow.
-  column = xp.clip(xp.floor(points[..., 0] / stride), -1, cells_wide).astype(xp.int32)
-  row = xp.clip(xp.floor(points[..., 1] / stride), -1, cells_high).astype(xp.int32)
-  inside = (column >= 0) & (column < cells_wide) & (row >= 0) & (row < cells_high)
+  column = xp.clip(xp.floor(x), -1, cells_wide).astype(xp.int32)
+  row = xp.clip(xp.floor(y), -1, cells_high).astype(xp.int32)
+  in_frame = visible & (column >= 0) & (column < cells_wide) & (row >= 0) & (row < cells_high)
   frame = xp.arange(num_frames, dtype=xp.int32)[:, None]
-  flat = (frame * cells_high + row) * cells_wide + column
-  return flat, visible & inside
+  if splat == "nearest":
+    flat = (frame * cells_high + row) * cells_wide + column
+    return flat[None], xp.ones(flat.shape, xp.float32)[None], in_frame[None]
+  x, y = xp.clip(x, -1, cells_wide) - 0.5, xp.clip(y, -1, cells_high) - 0.5  # relative to cell centres
+  left, top = xp.floor(x), xp.floor(y)
+  fx, fy = (x - left).astype(xp.float32), (y - top).astype(xp.float32)
+  left, top = left.astype(xp.int32), top.astype(xp.int32)
+  flats, weights, keeps = [], [], []
+  for dy, wy in ((0, 1 - fy), (1, fy)):
+    for dx, wx in ((0, 1 - fx), (1, fx)):
+      c, r = left + dx, top + dy
+      on_grid = (c >= 0) & (c < cells_wide) & (r >= 0) & (r < cells_high)
+      flats.append((frame * cells_high + r) * cells_wide + c)
+      weights.append(wx * wy)
+      keeps.append(in_frame & on_grid)
+  return xp.stack(flats), xp.stack(weights), xp.stack(keeps)
 
 
 def rasterize(points: np.ndarray, visible: np.ndarray, embeddings: np.ndarray, *, height: int, width: int,
-              stride: int) -> np.ndarray:
+              stride: int, splat: str = "nearest") -> np.ndarray:
   """[T, N, 2] points, [T, N] visibility, [N, D] embeddings -> [T, H/s, W/s, D] float32 grid (Eq. 1, summed).
 
-  Points outside the frame contribute nothing.
+  Points outside the frame contribute nothing; `splat` is config.tracks.splat (see `_splat_corners`).
   """
   points = np.asarray(points, np.float32)
   visible = np.asarray(visible, bool)
   embeddings = np.asarray(embeddings, np.float32)
   cells_high, cells_wide = _check_raster_args(points, visible, embeddings, height, width, stride)
   num_frames, num_tracks = visible.shape
-  flat, keep = _cell_index(np, points, visible, cells_high, cells_wide, stride)
-  track = np.broadcast_to(np.arange(num_tracks), (num_frames, num_tracks))
+  flat, weight, keep = _splat_corners(np, points, visible, cells_high, cells_wide, stride, splat)
+  track = np.broadcast_to(np.arange(num_tracks), flat.shape)
   dim = embeddings.shape[1]
   # One scalar scatter-add over (cell, channel) pairs: numpy's 1-D `add.at` is ~3x faster than the row form.
   element = (flat[keep].astype(np.int64)[:, None] * dim + np.arange(dim)).ravel()
   grid = np.zeros(num_frames * cells_high * cells_wide * dim, np.float32)
-  np.add.at(grid, element, embeddings[track[keep]].ravel())
+  np.add.at(grid, element, (embeddings[track[keep]] * weight[keep][:, None]).ravel())
   return grid.reshape(num_frames, cells_high, cells_wide, dim)
 
 
 def rasterize_jax(points: jax.Array, visible: jax.Array, embeddings: jax.Array, *, height: int, width: int,
-                  stride: int) -> jax.Array:
-  """The jittable twin of `rasterize` (height, width and stride are static)."""
+                  stride: int, splat: str = "nearest") -> jax.Array:
+  """The jittable twin of `rasterize` (height, width, stride and splat are static)."""
   points = jnp.asarray(points, jnp.float32)
   visible = jnp.asarray(visible, bool)
   embeddings = jnp.asarray(embeddings, jnp.float32)
   cells_high, cells_wide = _check_raster_args(points, visible, embeddings, height, width, stride)
-  num_frames = points.shape[0]
-  num_cells = num_frames * cells_high * cells_wide
-  flat, keep = _cell_index(jnp, points, visible, cells_high, cells_wide, stride)
+  num_cells = points.shape[0] * cells_high * cells_wide
+  flat, weight, keep = _splat_corners(jnp, points, visible, cells_high, cells_wide, stride, splat)
   index = jnp.where(keep, flat, num_cells).reshape(-1)  # out-of-range rows are dropped by the scatter
-  values = jnp.broadcast_to(embeddings[None], (num_frames,) + embeddings.shape).reshape(-1, embeddings.shape[1])
+  values = (weight[..., None] * embeddings).reshape(-1, embeddings.shape[1])  # [K*T*N, D]
   grid = jnp.zeros((num_cells, embeddings.shape[1]), jnp.float32).at[index].add(values, mode="drop")
-  return grid.reshape(num_frames, cells_high, cells_wide, -1)
+  return grid.reshape(points.shape[0], cells_high, cells_wide, -1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -34,8 +34,11 @@ EvalHook = Callable[[int, TrainState], Mapping[str, float] | None]
 
 CHECKPOINT_SUBDIR = "checkpoints"
 TENSORBOARD_SUBDIR = "tb"
-# Config sections whose change makes a checkpoint unusable (parameter shapes depend on them).
+# Config sections whose change makes a checkpoint unusable (parameter shapes or the meaning of inputs depend on them).
 SHAPE_SECTIONS = ("model", "codec", "video", "tracks")
+# Keys added to those sections after checkpoints had been written, with the value that reproduces how such an
+# older checkpoint was trained (it compares equal to a config that sets that value).
+ADDED_KEYS = {"tracks": {"splat": "nearest"}}
 
 
 class CheckpointMismatchError(ValueError):
@@ -67,7 +70,7 @@ def check_config_compatible(saved: Mapping[str, Any], config: ml_collections.Con
   current = _config_json(config)
   differences = []
   for section in SHAPE_SECTIONS:
-    old, new = saved.get(section, {}), current.get(section, {})
+    old, new = {**ADDED_KEYS.get(section, {}), **saved.get(section, {})}, current.get(section, {})
     for key in sorted(set(old) | set(new)):
       if old.get(key) != new.get(key):
         differences.append(f"{section}.{key}: checkpoint {old.get(key)!r}, config {new.get(key)!r}")
