@@ -37,7 +37,7 @@ TENSORBOARD_SUBDIR = "tb"
 # Config sections whose change makes a checkpoint unusable (parameter shapes or the meaning of inputs depend on them).
 SHAPE_SECTIONS = ("model", "codec", "video", "tracks")
 # Keys added to those sections after checkpoints had been written, with the value that reproduces how such an
-# older checkpoint was trained (it compares equal to a config that sets that value).
+# older checkpoint was trained: a side (checkpoint or config) without the key compares as holding that value.
 ADDED_KEYS = {"tracks": {"splat": "nearest"}}
 
 
@@ -70,7 +70,8 @@ def check_config_compatible(saved: Mapping[str, Any], config: ml_collections.Con
   current = _config_json(config)
   differences = []
   for section in SHAPE_SECTIONS:
-    old, new = {**ADDED_KEYS.get(section, {}), **saved.get(section, {})}, current.get(section, {})
+    added = ADDED_KEYS.get(section, {})
+    old, new = {**added, **saved.get(section, {})}, {**added, **current.get(section, {})}
     for key in sorted(set(old) | set(new)):
       if old.get(key) != new.get(key):
         differences.append(f"{section}.{key}: checkpoint {old.get(key)!r}, config {new.get(key)!r}")
