@@ -113,7 +113,7 @@ def example_transform(example: dict, *, config: ml_collections.ConfigDict, codec
 
 
 def device_inputs(batch: dict[str, Any], *, codec: Codec, height: int, width: int,
-                  splat: str = "nearest") -> dict[str, jax.Array]:
+                  splat: str) -> dict[str, jax.Array]:
   """Compact batch -> model inputs (jittable): `video` becomes `latents` and `first_latent`, the track fields
   become `track_grid`; every other field passes through. Either group may be absent (ODE pairs store no video)."""
   inputs = {name: value for name, value in batch.items() if name not in HOST_FIELDS}

@@ -281,23 +281,22 @@ def _splat_corners(xp, points, visible, cells_high: int, cells_wide: int, stride
   # Clipping to one cell beyond each edge keeps far-away points out of the grid without int32 overflow.
   column = xp.clip(xp.floor(x), -1, cells_wide).astype(xp.int32)
   row = xp.clip(xp.floor(y), -1, cells_high).astype(xp.int32)
-  in_frame = visible & (column >= 0) & (column < cells_wide) & (row >= 0) & (row < cells_high)
-  frame = xp.arange(num_frames, dtype=xp.int32)[:, None]
+  on_grid = lambda r, c: (c >= 0) & (c < cells_wide) & (r >= 0) & (r < cells_high)
+  in_frame = visible & on_grid(row, column)
   if splat == "nearest":
-    flat = (frame * cells_high + row) * cells_wide + column
-    return flat[None], xp.ones(flat.shape, xp.float32)[None], in_frame[None]
-  x, y = xp.clip(x, -1, cells_wide) - 0.5, xp.clip(y, -1, cells_high) - 0.5  # relative to cell centres
-  left, top = xp.floor(x), xp.floor(y)
-  fx, fy = (x - left).astype(xp.float32), (y - top).astype(xp.float32)
-  left, top = left.astype(xp.int32), top.astype(xp.int32)
+    corners = [(row, column, xp.ones(row.shape, xp.float32))]
+  else:
+    x, y = xp.clip(x, -1, cells_wide) - 0.5, xp.clip(y, -1, cells_high) - 0.5  # relative to cell centres
+    left, top = xp.floor(x), xp.floor(y)
+    fx, fy = (x - left).astype(xp.float32), (y - top).astype(xp.float32)
+    left, top = left.astype(xp.int32), top.astype(xp.int32)
+    corners = [(top + dy, left + dx, wy * wx) for dy, wy in ((0, 1 - fy), (1, fy)) for dx, wx in ((0, 1 - fx), (1, fx))]
+  frame = xp.arange(num_frames, dtype=xp.int32)[:, None]
   flats, weights, keeps = [], [], []
-  for dy, wy in ((0, 1 - fy), (1, fy)):
-    for dx, wx in ((0, 1 - fx), (1, fx)):
-      c, r = left + dx, top + dy
-      on_grid = (c >= 0) & (c < cells_wide) & (r >= 0) & (r < cells_high)
-      flats.append((frame * cells_high + r) * cells_wide + c)
-      weights.append(wx * wy)
-      keeps.append(in_frame & on_grid)
+  for r, c, weight in corners:
+    flats.append((frame * cells_high + r) * cells_wide + c)
+    weights.append(weight)
+    keeps.append(in_frame & on_grid(r, c))
   return xp.stack(flats), xp.stack(weights), xp.stack(keeps)
 
 
