@@ -237,13 +237,20 @@ def encode_prompt(model: Model, prompts: Sequence[str]) -> tuple[jax.Array, jax.
   return context, null
 
 
-def track_grid(tracks: tracks_lib.Tracks, config: ml_collections.ConfigDict, *, seed: int) -> np.ndarray:
-  """[T, h, w, embed_dim] rasterised tracks with random distinct IDs drawn from `seed` (as in training)."""
+def track_grid(tracks: tracks_lib.Tracks, config: ml_collections.ConfigDict, *, seed: int,
+               shuffle_later_ids: bool = False) -> np.ndarray:
+  """[T, h, w, embed_dim] rasterised tracks with random distinct IDs drawn from `seed` (as in training).
+
+  `shuffle_later_ids`: the ablation of `tracks_lib.shuffle_later_ids`, one random order per call.
+  """
   geo = config_utils.geometry(config)
   rng = np.random.default_rng(seed)
   ids = tracks_lib.random_track_ids(rng, tracks.num_tracks, config.tracks.max_id)
   embeddings = tracks_lib.track_embeddings(ids, config.tracks.embed_dim)
-  grid = tracks_lib.rasterize(tracks.points, tracks.visible, embeddings, height=geo.height, width=geo.width,
+  points, visible = tracks.points, tracks.visible
+  if shuffle_later_ids:
+    points, visible = tracks_lib.shuffle_later_ids(points, visible, rng.permutation(tracks.num_tracks))
+  grid = tracks_lib.rasterize(points, visible, embeddings, height=geo.height, width=geo.width,
                               stride=config.codec.spatial_stride, splat=config.tracks.splat)
   chex.assert_shape(grid, (tracks.num_frames, geo.latent_height, geo.latent_width, config.tracks.embed_dim))
   return grid

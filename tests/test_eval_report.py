@@ -111,6 +111,7 @@ def test_cli_runs_the_true_video_generator(tmp_path):
   assert run.returncode == 0, run.stderr
   loaded = _strict_json(str(out / report.REPORT_JSON))
   assert loaded["generator_name"] == "true_video" and len(loaded["seeds"]) == 3
+  assert loaded["track_condition"] == "given"
   assert loaded["results"]["generator"]["aggregate"]["epe"]["mean"] < 0.5
   assert loaded["results"]["first_frame"]["aggregate"]["epe"]["mean"] > 0.5
   assert iio.imread(str(out / report.GRID_GIF), index=None).shape[0] == NUM_FRAMES

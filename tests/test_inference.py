@@ -15,8 +15,11 @@ from configs import models
 from msjax import inference
 from msjax.data import sprites
 from msjax.data import tracks as tracks_lib
+from msjax.diffusion import flow
 from msjax.eval import generators
 from msjax.eval import sprites_eval
+from msjax.models import dit
+from msjax.train import teacher
 
 
 def small_config(preset: str = "tiny"):
@@ -92,16 +95,80 @@ def _generator_and_clip(config, checkpoint: str, name: str):
   return sprites_eval.make_generator(name, context), sprites.render_clip(5, world), world
 
 
-def test_teacher_generator_returns_the_asked_for_video(exported):
+@pytest.mark.parametrize("sampler", [teacher.EULER, teacher.RENOISE])
+def test_teacher_generator_returns_the_asked_for_video(exported, sampler):
   config, _, out = exported
-  config.guidance = generators.guidance_config(config)
-  config.guidance.num_steps = 2
+  config.guidance = generators.guidance_config(config).copy_and_resolve_references()
+  config.guidance.update(num_steps=2, sampler=sampler)
   generate, clip, world = _generator_and_clip(config, out, generators.TEACHER)
   video = generate(clip.video[0], clip.prompt, sprites_eval.clip_tracks(clip), world.num_frames)
   chex.assert_shape(video, clip.video.shape)
   assert video.dtype == np.uint8
   again = generate(clip.video[0], clip.prompt, sprites_eval.clip_tracks(clip), world.num_frames)
   np.testing.assert_array_equal(video, again)  # noise and track IDs are seeded per clip
+
+
+def test_teacher_renoise_sampler_is_the_few_step_sampler_on_guided_velocities(exported):
+  config, model, _ = exported
+  guide = generators.guidance_config(config).copy_and_resolve_references()
+  guide.update(num_steps=3, sampler=teacher.RENOISE)
+  clip = sprites.render_clip(5, sprites_eval.world_config(config))
+  context, null = inference.encode_prompt(model, [clip.prompt])
+  cond = inference.conditioning(model, context, inference.first_latent(model, clip.video[0]),
+                                inference.track_grid(sprites_eval.clip_tracks(clip), config, seed=1))
+  noise = jax.random.normal(jax.random.PRNGKey(2), (1, 3, 16, 16, config.codec.latent_channels))
+  # Fresh params put x0 near a constant, which every sampler reproduces; perturbed ones tell samplers apart.
+  leaves, treedef = jax.tree.flatten(model.dit_params)
+  keys = jax.random.split(jax.random.PRNGKey(6), len(leaves))
+  params = jax.tree.unflatten(treedef, [leaf + 0.1 * jax.random.normal(key, leaf.shape)
+                                        for leaf, key in zip(leaves, keys)])
+  network, shift, rng = dit.WanDiT(model.spec), 6.0, jax.random.PRNGKey(4)
+  renoised = teacher.sample(network, params, noise, cond, null, guide, shift, rng)
+  velocity_fn = teacher.guided_velocity_fn(network, params, cond, null, guide)
+  expected = flow.consistency_sample(velocity_fn, noise, flow.consistency_timesteps(3, shift), rng)
+  np.testing.assert_allclose(renoised, expected, atol=1e-4)
+  other_draws = teacher.sample(network, params, noise, cond, null, guide, shift, jax.random.PRNGKey(5))
+  assert not np.allclose(renoised, other_draws, atol=1e-3)
+  guide.sampler = teacher.EULER
+  euler = teacher.sample(network, params, noise, cond, null, guide, shift, rng)
+  np.testing.assert_allclose(euler, flow.euler_sample(velocity_fn, noise, flow.euler_timesteps(3, shift)),
+                             atol=1e-4)
+  assert not np.allclose(euler, renoised, atol=1e-3)
+
+
+def test_teacher_generator_refuses_an_unknown_sampler(exported):
+  config, _, out = exported
+  config.guidance = generators.guidance_config(config).copy_and_resolve_references()
+  config.guidance.sampler = "heun"
+  with pytest.raises(sprites_eval.GeneratorError, match="guidance.sampler must be one of euler, renoise, got 'heun'"):
+    _generator_and_clip(config, out, generators.TEACHER)
+
+
+def test_shuffled_track_grid_keeps_frame_zero_and_the_occupied_cells():
+  config = small_config()
+  tracks = sprites_eval.clip_tracks(sprites.render_clip(5, sprites_eval.world_config(config)))
+  given = inference.track_grid(tracks, config, seed=1)
+  shuffled = inference.track_grid(tracks, config, seed=1, shuffle_later_ids=True)
+  np.testing.assert_array_equal(shuffled[0], given[0])
+  np.testing.assert_array_equal(np.abs(shuffled).sum(-1) > 0, np.abs(given).sum(-1) > 0)
+  assert not np.allclose(shuffled[1:], given[1:])
+
+
+@pytest.mark.parametrize("condition", [sprites_eval.TRACKS_SHUFFLED_IDS, sprites_eval.TRACKS_NONE])
+def test_teacher_generator_runs_the_track_ablations_and_the_student_refuses_them(exported, condition):
+  config, _, out = exported
+  config.guidance = generators.guidance_config(config).copy_and_resolve_references()
+  config.guidance.update(num_steps=2, sampler=teacher.EULER)
+  config.flow = {"shift": 6.0}
+  world = sprites_eval.world_config(config)
+  context = sprites_eval.GeneratorContext(config=config, checkpoint=out, world=world, seeds=(5,),
+                                          track_condition=condition)
+  clip = sprites.render_clip(5, world)
+  video = sprites_eval.make_generator(generators.TEACHER, context)(
+      clip.video[0], clip.prompt, sprites_eval.clip_tracks(clip), world.num_frames)
+  chex.assert_shape(video, clip.video.shape)
+  with pytest.raises(sprites_eval.GeneratorError, match="student generator streams the tracks as given"):
+    sprites_eval.make_generator(generators.STUDENT, context)
 
 
 def test_teacher_generator_without_checkpoint_says_so():

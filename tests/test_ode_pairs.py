@@ -79,7 +79,8 @@ def test_pairs_round_trip_resume_and_refuse_other_settings(tmp_path):
   guide.num_steps = config.ode_pairs.euler_steps
   expected = teacher.sample(dit.WanDiT(model.spec), model.dit_params, batch["states"][:, 0],
                             ode_pairs.conditioning(batch, context, spec),
-                            model.text_encoder.null_context(model.text_params)[0], guide, config.flow.shift)
+                            model.text_encoder.null_context(model.text_params)[0], guide, config.flow.shift,
+                            jax.random.PRNGKey(0))
   np.testing.assert_allclose(clip["clean"], expected[0], atol=2e-4)
   assert not np.allclose(clip["states"][1], clip["states"][0], atol=1e-3)
 

@@ -159,6 +159,24 @@ def test_masked_chunks_hide_their_tracks_so_their_grid_is_empty(config, codec, t
   assert not np.asarray(grid[first_chunk_end:]).any()
 
 
+def test_shuffle_later_ids_permutes_only_the_real_tracks_of_each_clip(config, codec, train_source):
+  batch = next(_pipeline(config, codec, train_source))
+  shuffled = pipeline.shuffle_later_ids(batch, np.random.default_rng(1))
+  np.testing.assert_array_equal(shuffled[pipeline.VIDEO], batch[pipeline.VIDEO])
+  np.testing.assert_array_equal(shuffled[pipeline.TRACK_EMBEDDINGS], batch[pipeline.TRACK_EMBEDDINGS])
+  for name in (pipeline.TRACK_POINTS, pipeline.TRACK_VISIBLE):
+    np.testing.assert_array_equal(shuffled[name][:, 0], batch[name][:, 0])
+    assert not np.array_equal(shuffled[name][:, 1:], batch[name][:, 1:])
+  for clip in range(BATCH):
+    real = int(np.count_nonzero(np.any(batch[pipeline.TRACK_EMBEDDINGS][clip] != 0, axis=-1)))
+    assert 0 < real <= config.tracks.max_tracks
+    # Padding rows stay where they are, invisible; the real tracks' later paths are the same paths, reordered.
+    assert not shuffled[pipeline.TRACK_VISIBLE][clip, :, real:].any()
+    paths = lambda fields: sorted(fields[pipeline.TRACK_POINTS][clip, 1:, :real].transpose(1, 0, 2)
+                                  .reshape(real, -1).tolist())
+    assert paths(shuffled) == paths(batch)
+
+
 def test_same_seed_same_batches_other_seed_other_order(config, codec, train_source):
   first, again, other = (_pipeline(config, codec, train_source, seed=s) for s in (7, 7, 8))
   a, b, c = _take(first, 3), _take(again, 3), _take(other, 3)

@@ -9,6 +9,7 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -162,8 +163,13 @@ def _train_py(tmp_path, overrides, preset="tiny"):
 
 
 def test_train_py_runs_the_teacher_end_to_end(tmp_path):
-  output = _train_py(tmp_path, dict(MICRO_OVERRIDES, **{"train.steps": 2, "train.eval_every": 0}))
+  output = _train_py(tmp_path, dict(MICRO_OVERRIDES, **{"train.steps": 2, "train.eval_every": 2,
+                                                         "eval.num_samples": 0}))
   assert re.search(r"step 2: .*loss=", output)
+  # The eval hook also scores the validation clips with their track IDs shuffled after frame 0.
+  given = re.search(r"eval/val_loss=([0-9.eE+-]+)", output)
+  shuffled = re.search(r"eval/val_loss_shuffled_ids=([0-9.eE+-]+)", output)
+  assert given and shuffled, output[-3000:]
   assert os.path.isdir(tmp_path / "run" / loop.CHECKPOINT_SUBDIR / "2")
   assert glob.glob(str(tmp_path / "run" / loop.TENSORBOARD_SUBDIR / "events.out.tfevents.*"))
 
@@ -192,6 +198,13 @@ def test_tiny_teacher_learns_writes_samples_and_resumes(tmp_path):
   output = _train_py(tmp_path, dict(overrides, **{"train.steps": 32}))
   assert "at step 30" in output and re.search(r"step 32: .*loss=", output)
 
+
+
+def test_sampler_name_defaults_to_euler_for_configs_without_the_key():
+  assert teacher.sampler_name(ml_collections.ConfigDict({"num_steps": 4})) == teacher.EULER
+  assert teacher.sampler_name(ml_collections.ConfigDict({"sampler": "renoise"})) == teacher.RENOISE
+  with pytest.raises(ValueError, match="guidance.sampler must be one of euler, renoise, got 'ddim'"):
+    teacher.sampler_name(ml_collections.ConfigDict({"sampler": "ddim"}))
 
 
 def test_replace_mode_puts_the_given_image_back_as_frame_zero():

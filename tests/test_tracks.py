@@ -349,6 +349,27 @@ def test_numpy_and_jax_rasterisers_agree(splat):
 # ----------------------------------------------------------------------------------------------------------
 # Chunks and masking.
 
+def test_shuffle_later_ids_moves_ids_between_points_after_frame_zero_only():
+  rng = np.random.default_rng(0)
+  points = rng.uniform(0, 64, (5, 4, 2)).astype(np.float32)
+  visible = rng.uniform(size=(5, 4)) > 0.3
+  embeddings = tracks_lib.track_embeddings(np.array([3, 70, 500, 9000]), 8)
+  order = np.array([2, 0, 3, 1])
+  shuffled_points, shuffled_visible = tracks_lib.shuffle_later_ids(points, visible, order)
+  np.testing.assert_array_equal(shuffled_points[0], points[0])
+  np.testing.assert_array_equal(shuffled_points[1:, 0], points[1:, 2])  # track 0's ID follows track 2 later
+  np.testing.assert_array_equal(shuffled_visible[1:], visible[1:, order])
+  raster = dict(height=64, width=64, stride=4)
+  given = tracks_lib.rasterize(points, visible, embeddings, **raster)
+  shuffled = tracks_lib.rasterize(shuffled_points, shuffled_visible, embeddings, **raster)
+  np.testing.assert_array_equal(shuffled[0], given[0])
+  occupied = lambda grid: np.abs(grid).sum(-1) > 0
+  np.testing.assert_array_equal(occupied(shuffled), occupied(given))  # the same cells hold points
+  assert not np.allclose(shuffled[1:], given[1:])  # but other IDs
+  with pytest.raises(ValueError, match="must be a permutation of the 4 tracks"):
+    tracks_lib.shuffle_later_ids(points, visible, np.array([0, 0, 1, 2]))
+
+
 def test_chunk_frame_ranges_cover_the_clip_exactly():
   ranges = tracks_lib.chunk_frame_ranges(45, 3, 4)
   assert ranges == [(0, 9), (9, 21), (21, 33), (33, 45)]

@@ -112,6 +112,21 @@ def example_transform(example: dict, *, config: ml_collections.ConfigDict, codec
   }
 
 
+def shuffle_later_ids(batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """A host batch whose track IDs after frame 0 are shuffled among each clip's real (not padded) tracks
+  (`tracks.shuffle_later_ids`); the video and everything else are left alone."""
+  shuffled = dict(batch)
+  points, visible = [], []
+  for clip_points, clip_visible, embeddings in zip(*(batch[name] for name in TRACK_FIELDS)):
+    real = int(np.count_nonzero(np.any(embeddings != 0, axis=-1)))  # padding rows are all zero
+    order = np.concatenate([rng.permutation(real), np.arange(real, embeddings.shape[0])])
+    clip_points, clip_visible = tracks_lib.shuffle_later_ids(clip_points, clip_visible, order)
+    points.append(clip_points)
+    visible.append(clip_visible)
+  shuffled[TRACK_POINTS], shuffled[TRACK_VISIBLE] = np.stack(points), np.stack(visible)
+  return shuffled
+
+
 def device_inputs(batch: dict[str, Any], *, codec: Codec, height: int, width: int,
                   splat: str) -> dict[str, jax.Array]:
   """Compact batch -> model inputs (jittable): `video` becomes `latents` and `first_latent`, the track fields

@@ -252,6 +252,19 @@ def track_embeddings(ids: np.ndarray, dim: int = 64) -> np.ndarray:
   return np.concatenate([np.sin(angles), np.cos(angles)], axis=-1).astype(np.float32)
 
 
+def shuffle_later_ids(points: np.ndarray, visible: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """[T, N, 2] points and [T, N] visibility whose frames after the first are those of the tracks in `order` (a
+  permutation of the N tracks). Rasterised with the same embeddings, every ID sits on its own point in frame 0
+  and on another point later, while the positions and the set of IDs of every frame stay as they were: the
+  ablation that shows whether a model follows points by their IDs (paper Eq. 1) or only reads where they are.
+  """
+  chex.assert_rank([points, visible], [3, 2])
+  num_tracks = visible.shape[1]
+  if sorted(np.asarray(order).tolist()) != list(range(num_tracks)):
+    raise ValueError(f"order must be a permutation of the {num_tracks} tracks, got {order}")
+  return (np.concatenate([points[:1], points[1:, order]]), np.concatenate([visible[:1], visible[1:, order]]))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Rasterisation (paper Eq. 1).
 

@@ -6,7 +6,9 @@ Writes DIR/report.json (every metric per clip and aggregated, for the generator 
 true-video baselines) and DIR/samples.gif (true | generated | baseline), and prints a summary table.
 Generators are looked up in the registry of `msjax.eval.register_generator`; `first_frame` and `true_video`
 are built in; the model generators of `msjax.eval.generators` (teacher, student) are imported by default, and other
-modules can register theirs (name them in --generator_modules).
+modules can register theirs (name them in --generator_modules). `--track_condition shuffled_ids` or `none`
+gives the teacher its tracks with the IDs after frame 0 shuffled, or no tracks: set against `given`, they show
+whether the model follows a point by its ID or only reads where points are.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory for 
 _GENERATOR = flags.DEFINE_string("generator", sprites_eval.FIRST_FRAME, "Registered generator to evaluate.")
 _GENERATOR_MODULES = flags.DEFINE_list("generator_modules", ["msjax.eval.generators"], "Modules to import first; they register "
                                        "generators with msjax.eval.register_generator.")
+_TRACK_CONDITION = flags.DEFINE_enum("track_condition", sprites_eval.TRACKS_GIVEN,
+                                     sprites_eval.TRACK_CONDITIONS,
+                            "Motion condition of the teacher generator: the tracks as given, with the IDs after "
+                            "frame 0 shuffled (does the model follow points by their IDs?), or none.")
 _NUM_CLIPS = flags.DEFINE_integer("num_clips", 100, "Held-out clips to evaluate.")
 _SEED_START = flags.DEFINE_integer("seed_start", sprites_eval.EVAL_SEED_START, "First held-out seed.")
 _NUM_FRAMES = flags.DEFINE_integer("num_frames", 0, "Frames per clip (1 + 4k); 0 = the config's length.")
@@ -58,7 +64,8 @@ def main(argv: list[str]) -> None:
     seeds = sprites_eval.eval_seeds(_NUM_CLIPS.value, _SEED_START.value)
     world = sprites_eval.world_config(config, _NUM_FRAMES.value or None)
     checkpoint = _CHECKPOINT.value if _CHECKPOINT.value is not None else config.get("checkpoint", "")
-    context = sprites_eval.GeneratorContext(config=config, checkpoint=checkpoint, world=world, seeds=tuple(seeds))
+    context = sprites_eval.GeneratorContext(config=config, checkpoint=checkpoint, world=world, seeds=tuple(seeds),
+                                            track_condition=_TRACK_CONDITION.value)
     generate_fn = sprites_eval.make_generator(_GENERATOR.value, context)
   except ValueError as e:  # bad seeds, frame count or generator name
     _fail(str(e))
@@ -71,6 +78,7 @@ def main(argv: list[str]) -> None:
     _fail(str(e))
   result["generator_name"] = _GENERATOR.value
   result["checkpoint"] = checkpoint
+  result["track_condition"] = _TRACK_CONDITION.value
   written = report.write_report(_OUT.value, result, fps=config.video.fps, scale=_SCALE.value,
                                 draw_tracks=_DRAW_TRACKS.value)
   print(report.format_summary(result))

@@ -1,7 +1,9 @@
 """Model generators for `python -m msjax.eval`: each turns (first frame, prompt, tracks) into a video.
 
-  teacher   the bidirectional teacher over the whole clip: Euler over `config.guidance.num_steps` shifted steps
-            with `config.guidance.mode` guidance (joint | cfg | none), text and motion scales from the config.
+  teacher   the bidirectional teacher over the whole clip: `config.guidance.sampler` (euler | renoise) over
+            `config.guidance.num_steps` shifted steps with `config.guidance.mode` guidance (joint | cfg | none),
+            text and motion scales from the config; the tracks as given, with shuffled IDs, or none (the
+            context's `track_condition`: ablations that show what the model reads from them).
   student   the causal student through the streaming sampler itself (`config.stream`: chunk, sink, window,
             steps, RoPE mode), chunk by chunk; the report gets each chunk's latency too.
 
@@ -27,7 +29,7 @@ from msjax.train import teacher as teacher_lib
 
 TEACHER = "teacher"
 STUDENT = "student"
-DEFAULT_GUIDANCE = dict(mode="joint", text_scale=3.0, motion_scale=1.5, num_steps=50)
+DEFAULT_GUIDANCE = dict(mode="joint", text_scale=3.0, motion_scale=1.5, num_steps=50, sampler="euler")
 
 
 def _load(context: sprites_eval.GeneratorContext, name: str, expected: str) -> inference.Model:
@@ -61,15 +63,23 @@ def teacher_generator(context: sprites_eval.GeneratorContext) -> sprites_eval.Ge
     raise sprites_eval.GeneratorError("the teacher generator samples with the teacher's flow shift: pass "
                                       "--config configs/teacher.py[:preset]")
   shift = float(config.flow.shift)
+  try:
+    sampler = teacher_lib.sampler_name(guide)
+  except ValueError as e:
+    raise sprites_eval.GeneratorError(str(e)) from e
+  if context.track_condition not in sprites_eval.TRACK_CONDITIONS:
+    raise sprites_eval.GeneratorError(f"track condition must be one of {', '.join(sprites_eval.TRACK_CONDITIONS)}, "
+                                      f"got {context.track_condition!r}")
   network = dit.WanDiT(model.spec)
   geo = config_utils.geometry(config)
   seed = int(config.get("seed", 0))
   print(f"teacher: {model.stage} from {context.checkpoint}, guidance {guide.mode} (text {guide.text_scale}, "
-        f"motion {guide.motion_scale}), {guide.num_steps} Euler steps, shift {shift}")
+        f"motion {guide.motion_scale}), {guide.num_steps} {sampler} steps, shift {shift}, "
+        f"tracks {context.track_condition}")
 
   @jax.jit
-  def sample_latents(params, noise, cond, null):
-    return teacher_lib.sample(network, params, noise, cond, null, guide, shift)
+  def sample_latents(params, noise, cond, null, rng):
+    return teacher_lib.sample(network, params, noise, cond, null, guide, shift, rng)
 
   def generate(first_frame: np.ndarray, prompt: str, tracks: tracks_lib.Tracks, num_frames: int) -> np.ndarray:
     if tracks.num_frames != num_frames:
@@ -77,11 +87,13 @@ def teacher_generator(context: sprites_eval.GeneratorContext) -> sprites_eval.Ge
     latent_frames = config_utils.latent_frames(num_frames, config.codec.temporal_stride)
     clip_seed = _clip_seed(seed, first_frame)
     context_emb, null = inference.encode_prompt(model, [prompt])
-    cond = inference.conditioning(model, context_emb, inference.first_latent(model, first_frame),
-                                  inference.track_grid(tracks, config, seed=clip_seed))
-    noise = jax.random.normal(jax.random.PRNGKey(clip_seed),
-                              (1, latent_frames, geo.latent_height, geo.latent_width, geo.latent_channels))
-    latents = sample_latents(model.dit_params, noise, cond, null)
+    shuffled = context.track_condition == sprites_eval.TRACKS_SHUFFLED_IDS
+    grid = None if context.track_condition == sprites_eval.TRACKS_NONE else inference.track_grid(
+        tracks, config, seed=clip_seed, shuffle_later_ids=shuffled)
+    cond = inference.conditioning(model, context_emb, inference.first_latent(model, first_frame), grid)
+    key = jax.random.PRNGKey(clip_seed)
+    noise = jax.random.normal(key, (1, latent_frames, geo.latent_height, geo.latent_width, geo.latent_channels))
+    latents = sample_latents(model.dit_params, noise, cond, null, jax.random.fold_in(key, 1))
     video = model.codec.decode(model.codec_params, latents)
     return np.asarray(inference.to_uint8(video[0]))
 
@@ -91,6 +103,9 @@ def teacher_generator(context: sprites_eval.GeneratorContext) -> sprites_eval.Ge
 def student_generator(context: sprites_eval.GeneratorContext) -> sprites_eval.GenerateFn:
   """Streams each clip with one compiled `StreamSampler` (warmed up first, so latencies exclude compiling)."""
   from msjax.stream import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  if context.track_condition != sprites_eval.TRACKS_GIVEN:
+    raise sprites_eval.GeneratorError(f"the student generator streams the tracks as given; track condition "
+                                      f"{context.track_condition!r} is for the teacher")
   config = context.config
   model = _load(context, STUDENT, "an exported student or a distillation workdir")
   sampler = sampler_lib.StreamSampler(model)

@@ -37,6 +37,10 @@ GENERATOR = "generator"
 FIRST_FRAME = "first_frame"
 TRUE_VIDEO = "true_video"
 DRIFT_SERIES = ("psnr", "background_error", "sprite_error")
+TRACKS_GIVEN = "given"
+TRACKS_SHUFFLED_IDS = "shuffled_ids"
+TRACKS_NONE = "none"
+TRACK_CONDITIONS = (TRACKS_GIVEN, TRACKS_SHUFFLED_IDS, TRACKS_NONE)
 
 GenerateFn = Callable[[np.ndarray, str, tracks_lib.Tracks, int], Any]
 
@@ -125,11 +129,17 @@ def true_video_generator(clips: Sequence[sprites_lib.Clip]) -> GenerateFn:
 
 @dataclasses.dataclass(frozen=True)
 class GeneratorContext:
-  """What a generator factory may use to build its generate_fn."""
+  """What a generator factory may use to build its generate_fn.
+
+  `track_condition` is how a model generator turns the true tracks into its motion condition
+  (TRACK_CONDITIONS): as given; with the IDs of the frames after the first shuffled (`inference.track_grid`),
+  which tells whether the model follows a point by its ID; or none at all (the null motion condition).
+  """
   config: ml_collections.ConfigDict
   checkpoint: str
   world: sprites_lib.SpritesConfig
   seeds: tuple[int, ...]
+  track_condition: str = TRACKS_GIVEN
 
 
 GeneratorFactory = Callable[[GeneratorContext], GenerateFn]

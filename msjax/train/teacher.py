@@ -49,6 +49,9 @@ TEXT_PARAMS = "text"
 SAMPLES_SUBDIR = "samples"
 # Codecs whose decoder needs no weights, so the eval hook can turn samples into GIFs on its own.
 WEIGHTLESS_CODECS = ("pack",)
+EULER = "euler"
+RENOISE = "renoise"
+SAMPLERS = (EULER, RENOISE)  # config.guidance.sampler: see `sample`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,11 +271,28 @@ def pin_first_frame(clean: jax.Array, cond: Conditioning, image_condition: str) 
   return clean.at[:, 0].set(cond.first_latent)
 
 
+def sampler_name(guidance_config: ml_collections.ConfigDict) -> str:
+  """`guidance_config.sampler` (configs without the key, e.g. older exports, use Euler), checked."""
+  name = guidance_config.get("sampler", EULER)
+  if name not in SAMPLERS:
+    raise ValueError(f"guidance.sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
+  return name
+
+
 def sample(model: dit.WanDiT, dit_params: Any, noise: jax.Array, cond: Conditioning, null_context: jax.Array,
-           guidance_config: ml_collections.ConfigDict, shift: float) -> jax.Array:
-  """Teacher sampling: Euler over `guidance_config.num_steps` shifted steps with guided velocities."""
+           guidance_config: ml_collections.ConfigDict, shift: float, rng: jax.Array) -> jax.Array:
+  """Teacher sampling with guided velocities over `guidance_config.num_steps` shifted steps.
+
+  'euler' integrates the flow ODE (the paper's sampler; ODE pairs follow the same path). 'renoise' predicts x0
+  and re-noises it with fresh noise (from `rng`) at each step, the student's few-step sampler
+  (`flow.consistency_sample`): an error one step makes is not carried along the path to the end.
+  """
   velocity_fn = guided_velocity_fn(model, dit_params, cond, null_context, guidance_config)
-  clean = flow.euler_sample(velocity_fn, noise, flow.euler_timesteps(guidance_config.num_steps, shift))
+  if sampler_name(guidance_config) == RENOISE:
+    clean = flow.consistency_sample(velocity_fn, noise, flow.consistency_timesteps(guidance_config.num_steps, shift),
+                                    rng)
+  else:
+    clean = flow.euler_sample(velocity_fn, noise, flow.euler_timesteps(guidance_config.num_steps, shift))
   return pin_first_frame(clean, cond, model.spec.image_condition)
 
 
@@ -280,6 +300,9 @@ class TeacherEval:
   """The stage's eval hook: validation loss at fixed timesteps (EMA params), and one guided sample.
 
   Validation loss uses a fixed batch, fixed noise and no dropout, so its curve is comparable across steps.
+  `val_loss_shuffled_ids` is the same loss with the track IDs after frame 0 shuffled among each clip's points
+  (`pipeline.shuffle_later_ids`): it rises above `val_loss` only once the model follows points by their IDs,
+  which is how it can tell which first-frame content a track carries.
   The sample is written as `<workdir>/samples/step_<N>.gif` (ground truth | sample, side by side) when the
   codec decodes without weights; otherwise its latents go to `.npy`. Other metrics (EPE, PSNR) belong to
   msjax.eval and can be added by wrapping this hook.
@@ -295,6 +318,11 @@ class TeacherEval:
     self.text_encoder = text_encoder
     self.frozen_text_params = frozen_text_params
     self.batch = preparer.unsharded(validation_batch)
+    self.shuffled_batch = None
+    if self.objective.use_tracks:
+      shuffled = pipeline.shuffle_later_ids(validation_batch, np.random.default_rng(config.seed))
+      self.shuffled_batch = preparer.unsharded(shuffled)
+    sampler_name(config.guidance)  # a bad name fails here, not at the first eval
     self.eval_timesteps = tuple(config.eval.timesteps)
     self.num_samples = min(int(config.eval.num_samples), self.batch["latents"].shape[0])
     self._loss = jax.jit(self._validation_loss)
@@ -322,11 +350,13 @@ class TeacherEval:
     context, null = text_contexts(params, part, self.text_encoder, null_context)
     noise = jax.random.normal(jax.random.PRNGKey(self.config.seed + 1), part["latents"].shape)
     return sample(self.model, params[DIT_PARAMS], noise, conditioning(part, context, self.objective), null,
-                  self.config.guidance, self.objective.shift)
+                  self.config.guidance, self.objective.shift, jax.random.PRNGKey(self.config.seed + 2))
 
   def __call__(self, step: int, state: state_lib.TrainState) -> dict[str, float]:
     params = state.ema_params
     losses = self._loss(params, self.batch, self.null_context)
+    if self.shuffled_batch is not None:
+      losses["val_loss_shuffled_ids"] = self._loss(params, self.shuffled_batch, self.null_context)["val_loss"]
     scalars = {name: float(value) for name, value in jax.device_get(losses).items()}
     if self.num_samples and jax.process_index() == 0:
       part = {name: value[:self.num_samples] for name, value in self.batch.items()}
