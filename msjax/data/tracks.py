@@ -261,7 +261,8 @@ def shuffle_later_ids(points: np.ndarray, visible: np.ndarray, order: np.ndarray
   chex.assert_rank([points, visible], [3, 2])
   num_tracks = visible.shape[1]
   if sorted(np.asarray(order).tolist()) != list(range(num_tracks)):
-    raise ValueError(f"order must be a permutation of the {num_tracks} tracks, got {order}")
+    raise ValueError(f"order must be a permutation of the {num_tracks} tracks (each index once), got "
+                     f"{len(order)} entries with {len(set(np.asarray(order).tolist()))} distinct")
   return (np.concatenate([points[:1], points[1:, order]]), np.concatenate([visible[:1], visible[1:, order]]))
 
 

@@ -30,8 +30,9 @@ _GENERATOR_MODULES = flags.DEFINE_list("generator_modules", ["msjax.eval.generat
                                        "generators with msjax.eval.register_generator.")
 _TRACK_CONDITION = flags.DEFINE_enum("track_condition", sprites_eval.TRACKS_GIVEN,
                                      sprites_eval.TRACK_CONDITIONS,
-                            "Motion condition of the teacher generator: the tracks as given, with the IDs after "
-                            "frame 0 shuffled (does the model follow points by their IDs?), or none.")
+                                     "Motion condition of the teacher generator: the tracks as given, with "
+                                     "the IDs after frame 0 shuffled (does the model follow points by their "
+                                     "IDs?), or none.")
 _NUM_CLIPS = flags.DEFINE_integer("num_clips", 100, "Held-out clips to evaluate.")
 _SEED_START = flags.DEFINE_integer("seed_start", sprites_eval.EVAL_SEED_START, "First held-out seed.")
 _NUM_FRAMES = flags.DEFINE_integer("num_frames", 0, "Frames per clip (1 + 4k); 0 = the config's length.")
