@@ -290,5 +290,7 @@ def test_generator_registry():
   np.testing.assert_array_equal(oracle(clip.video[0], clip.prompt, None, WORLD.num_frames), clip.video)
   with pytest.raises(sprites_eval.GeneratorError, match="unknown generator 'nope'.*first_frame"):
     sprites_eval.make_generator("nope", context)
+  with pytest.raises(sprites_eval.GeneratorError, match="track condition must be one of given, shuffled_ids, none"):
+    sprites_eval.GeneratorContext(config=models.tiny(), checkpoint="", world=WORLD, seeds=(1,), track_condition="x")
   with pytest.raises(ValueError, match="already registered"):
     sprites_eval.register_generator("first_frame", lambda c: None)

@@ -141,6 +141,11 @@ class GeneratorContext:
   seeds: tuple[int, ...]
   track_condition: str = TRACKS_GIVEN
 
+  def __post_init__(self):
+    if self.track_condition not in TRACK_CONDITIONS:
+      raise GeneratorError(f"track condition must be one of {', '.join(TRACK_CONDITIONS)}, got "
+                           f"{self.track_condition!r}")
+
 
 GeneratorFactory = Callable[[GeneratorContext], GenerateFn]
 _GENERATORS: dict[str, GeneratorFactory] = {}
