@@ -238,6 +238,19 @@ def test_true_video_epe_is_near_zero_and_first_frame_epe_is_large(ten_clips):
   assert noisy["psnr"]["mean"] < results[sprites_eval.TRUE_VIDEO]["aggregate"]["psnr"]["mean"]
 
 
+def test_metrics_by_sprite_count_partition_the_clips(ten_clips):
+  generated = ten_clips["results"][sprites_eval.GENERATOR]
+  groups = generated["by_num_sprites"]
+  counts = {str(c["num_sprites"]) for c in generated["clips"]}
+  assert set(groups) == counts and len(counts) > 1  # the ten clips hold more than one sprite count
+  assert sum(group["clips"] for group in groups.values()) == len(generated["clips"])
+  for count, group in groups.items():
+    members = [c for c in generated["clips"] if str(c["num_sprites"]) == count]
+    assert group["clips"] == len(members)
+    np.testing.assert_allclose(group["psnr"]["mean"], np.mean([c["metrics"]["psnr"] for c in members]))
+    assert group["drift.psnr.slope"]["count"] == len(members)
+
+
 def test_effect_adherence_over_clips(ten_clips):
   results = ten_clips["results"]
   effects = sum(1 for c in results[sprites_eval.TRUE_VIDEO]["clips"] if c["effect"])

@@ -96,6 +96,10 @@ def test_write_video_rejects_unknown_suffix(tmp_path):
 def test_summary_table_lists_every_generator(result):
   table = report.format_summary(result)
   assert all(name in table for name in ("generator", "first_frame", "true_video"))
+  by_sprites = table.split("by sprites per clip:")[1]
+  for name in ("generator", "first_frame", "true_video"):
+    for count, group in result["results"][name]["by_num_sprites"].items():
+      assert f"{name}, {count} sprite" in by_sprites and f"({group['clips']} clips)" in by_sprites
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -127,17 +127,29 @@ SUMMARY_METRICS = (("epe", "EPE px"), ("epe_track", "track EPE px"), ("epe_misse
                    ("drift.psnr.slope", "PSNR slope/frame"), ("fps", "FPS"))
 
 
-def format_summary(result: dict[str, Any]) -> str:
-  """A plain-text table: one row per generator, the mean of the headline metrics."""
-  names = list(result["results"])
-  width = max(len(n) for n in names) + 2
-  header = "".join(f"{label:>18}" for _, label in SUMMARY_METRICS)
-  lines = [" " * width + header]
-  for name in names:
-    aggregate = result["results"][name]["aggregate"]
+BY_SPRITES_METRICS = (("epe", "EPE px"), ("epe_missed_fraction", "missed"), ("psnr", "PSNR dB"),
+                      ("ssim", "SSIM"))
+
+
+def _table(rows: list[tuple[str, dict[str, Any]]], columns: tuple[tuple[str, str], ...]) -> list[str]:
+  """Right-aligned means of `columns` (metric key, label) for each (row label, {metric: summary}) row."""
+  width = max(len(label) for label, _ in rows) + 2
+  lines = [" " * width + "".join(f"{label:>18}" for _, label in columns)]
+  for label, summaries in rows:
     cells = []
-    for key, _ in SUMMARY_METRICS:
-      mean = aggregate[key]["mean"] if key in aggregate else math.nan
+    for key, _ in columns:
+      mean = summaries[key]["mean"] if key in summaries else math.nan
       cells.append(f"{mean:>18.3f}" if math.isfinite(mean) else f"{'-':>18}")
-    lines.append(f"{name:<{width}}" + "".join(cells))
+    lines.append(f"{label:<{width}}" + "".join(cells))
+  return lines
+
+
+def format_summary(result: dict[str, Any]) -> str:
+  """Plain-text tables: the mean of the headline metrics per generator, then per generator and sprite count."""
+  results = result["results"]
+  lines = _table([(name, results[name]["aggregate"]) for name in results], SUMMARY_METRICS)
+  by_sprites = [(f"{name}, {count} sprite{'s' if count != '1' else ''} ({group['clips']} clips)", group)
+                for name in results for count, group in results[name].get("by_num_sprites", {}).items()]
+  if by_sprites:
+    lines += ["", "by sprites per clip:"] + _table(by_sprites, BY_SPRITES_METRICS)
   return "\n".join(lines)

@@ -271,7 +271,21 @@ def _aggregate(clips: list[dict[str, Any]], series: list[dict[str, np.ndarray]])
     aggregate["first_chunk_seconds"] = metrics.summarize([c[0] for c in chunked])
     aggregate["chunk_seconds"] = metrics.summarize([s for c in chunked for s in c[1:]])
   per_frame = {name: metrics.nanmean(np.stack([s[name] for s in series]), 0).tolist() for name in DRIFT_SERIES}
-  return {"aggregate": aggregate, "per_frame": per_frame}
+  return {"aggregate": aggregate, "by_num_sprites": _by_num_sprites(clips, flat), "per_frame": per_frame}
+
+
+def _by_num_sprites(clips: list[dict[str, Any]], flat: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+  """The clip metrics summarised separately for clips with 1, 2, ... sprites (JSON keys are the counts).
+
+  A one-sprite clip can be generated without telling sprites apart; with more, the model must keep each one's
+  colour and shape on its own tracks, so a gap between the groups shows where a generator fails.
+  """
+  groups: dict[int, list[int]] = {}
+  for index, record in enumerate(clips):
+    groups.setdefault(record["num_sprites"], []).append(index)
+  return {str(count): {"clips": len(members),
+                       **{name: metrics.summarize([flat[i][name] for i in members]) for name in flat[0]}}
+          for count, members in sorted(groups.items())}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,10 +327,11 @@ def evaluate(generate_fn: GenerateFn, *, seeds: Sequence[int], config: ml_collec
   """Scores `generate_fn` (and the first-frame and true-video baselines) on held-out sprites clips.
 
   Returns {"world": sizes and detection settings, "seeds", "results": {name: {"clips": per-clip records,
-  "aggregate": {metric: {mean, median, std, count}}, "per_frame": mean drift curves}}, "samples": `Sample`s of
-  the first `num_samples` clips}; names are "generator", "first_frame", "true_video". Everything but "samples"
-  (arrays, left out by `report.write_json`) is plain JSON data. NaN marks a metric that does not apply (effect
-  adherence of a clip without an effect) or could not be measured (EPE when the sprite was never found).
+  "aggregate": {metric: {mean, median, std, count}}, "by_num_sprites": {"1": {"clips": n, metric: {...}}, ...},
+  "per_frame": mean drift curves}}, "samples": `Sample`s of the first `num_samples` clips}; names are
+  "generator", "first_frame", "true_video". Everything but "samples" (arrays, left out by `report.write_json`)
+  is plain JSON data. NaN marks a metric that does not apply (effect adherence of a clip without an effect) or
+  could not be measured (EPE when the sprite was never found).
   """
   seeds = check_seeds(seeds)
   world = world_config(config, num_frames)
