@@ -47,6 +47,7 @@ from msjax.train import state as state_lib
 DIT_PARAMS = "dit"
 TEXT_PARAMS = "text"
 SAMPLES_SUBDIR = "samples"
+SHUFFLED_IDS_LOSS = "val_loss_shuffled_ids"  # eval metric prefix: validation loss with IDs shuffled after frame 0
 # Codecs whose decoder needs no weights, so the eval hook can turn samples into GIFs on its own.
 WEIGHTLESS_CODECS = ("pack",)
 EULER = "euler"
@@ -300,9 +301,10 @@ class TeacherEval:
   """The stage's eval hook: validation loss at fixed timesteps (EMA params), and one guided sample.
 
   Validation loss uses a fixed batch, fixed noise and no dropout, so its curve is comparable across steps.
-  `val_loss_shuffled_ids` is the same loss with the track IDs after frame 0 shuffled among each clip's points
-  (`pipeline.shuffle_later_ids`): it rises above `val_loss` only once the model follows points by their IDs,
-  which is how it can tell which first-frame content a track carries.
+  `val_loss_shuffled_ids` (and `_t<t>`) is the same loss with the track IDs after frame 0 shuffled among each
+  clip's points (`pipeline.shuffle_later_ids`): it rises above `val_loss` only once the model follows points by
+  their IDs, which is how it can tell which first-frame content a track carries. The gap shows first at high t,
+  where the noisy clip no longer shows a sprite's colour and only the conditioning can say it.
   The sample is written as `<workdir>/samples/step_<N>.gif` (ground truth | sample, side by side) when the
   codec decodes without weights; otherwise its latents go to `.npy`. Other metrics (EPE, PSNR) belong to
   msjax.eval and can be added by wrapping this hook.
@@ -356,7 +358,8 @@ class TeacherEval:
     params = state.ema_params
     losses = self._loss(params, self.batch, self.null_context)
     if self.shuffled_batch is not None:
-      losses["val_loss_shuffled_ids"] = self._loss(params, self.shuffled_batch, self.null_context)["val_loss"]
+      shuffled = self._loss(params, self.shuffled_batch, self.null_context)
+      losses.update({name.replace("val_loss", SHUFFLED_IDS_LOSS, 1): value for name, value in shuffled.items()})
     scalars = {name: float(value) for name, value in jax.device_get(losses).items()}
     if self.num_samples and jax.process_index() == 0:
       part = {name: value[:self.num_samples] for name, value in self.batch.items()}
