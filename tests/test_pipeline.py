@@ -177,6 +177,19 @@ def test_shuffle_later_ids_permutes_only_the_real_tracks_of_each_clip(config, co
     assert paths(shuffled) == paths(batch)
 
 
+def test_relabel_ids_swaps_embeddings_among_real_tracks_only(config, codec, train_source):
+  batch = next(_pipeline(config, codec, train_source))
+  relabelled = pipeline.relabel_ids(batch, np.random.default_rng(1))
+  for name in (pipeline.VIDEO, pipeline.TRACK_POINTS, pipeline.TRACK_VISIBLE):
+    np.testing.assert_array_equal(relabelled[name], batch[name])
+  embeddings, swapped = batch[pipeline.TRACK_EMBEDDINGS], relabelled[pipeline.TRACK_EMBEDDINGS]
+  assert not np.array_equal(swapped, embeddings)
+  for clip in range(BATCH):
+    real = int(np.count_nonzero(np.any(embeddings[clip] != 0, axis=-1)))
+    np.testing.assert_array_equal(swapped[clip, real:], 0)  # padding stays padding
+    assert sorted(map(tuple, swapped[clip, :real].tolist())) == sorted(map(tuple, embeddings[clip, :real].tolist()))
+
+
 def test_same_seed_same_batches_other_seed_other_order(config, codec, train_source):
   first, again, other = (_pipeline(config, codec, train_source, seed=s) for s in (7, 7, 8))
   a, b, c = _take(first, 3), _take(again, 3), _take(other, 3)

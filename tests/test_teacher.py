@@ -170,9 +170,9 @@ def test_train_py_runs_the_teacher_end_to_end(tmp_path):
   given = re.search(r"eval/val_loss=([0-9.eE+-]+)", output)
   shuffled = re.search(r"eval/val_loss_shuffled_ids=([0-9.eE+-]+)", output)
   assert given and shuffled, output[-3000:]
-  for t in (0.25, 0.95):  # and each fixed timestep, for both
-    assert re.search(rf"eval/val_loss_t{t}=[0-9]", output) and re.search(rf"eval/val_loss_shuffled_ids_t{t}=[0-9]",
-                                                                          output), output[-3000:]
+  for name in ("val_loss", "val_loss_shuffled_ids", "val_loss_relabelled_ids"):  # the mean, and each fixed t
+    for suffix in ("", "_t0.25", "_t0.95"):
+      assert re.search(rf"eval/{name}{suffix}=[0-9]", output), (name, suffix, output[-3000:])
   assert os.path.isdir(tmp_path / "run" / loop.CHECKPOINT_SUBDIR / "2")
   assert glob.glob(str(tmp_path / "run" / loop.TENSORBOARD_SUBDIR / "events.out.tfevents.*"))
 

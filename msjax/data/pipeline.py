@@ -112,19 +112,37 @@ def example_transform(example: dict, *, config: ml_collections.ConfigDict, codec
   }
 
 
+def _real_track_order(embeddings: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """A random order of one clip's real tracks; padding rows (all-zero embeddings, at the end) stay in place."""
+  real = int(np.count_nonzero(np.any(embeddings != 0, axis=-1)))
+  return np.concatenate([rng.permutation(real), np.arange(real, embeddings.shape[0])])
+
+
 def shuffle_later_ids(batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
   """A host batch whose track IDs after frame 0 are shuffled among each clip's real (not padded) tracks
   (`tracks.shuffle_later_ids`); the video and everything else are left alone."""
   shuffled = dict(batch)
   points, visible = [], []
   for clip_points, clip_visible, embeddings in zip(*(batch[name] for name in TRACK_FIELDS)):
-    real = int(np.count_nonzero(np.any(embeddings != 0, axis=-1)))  # padding rows are all zero
-    order = np.concatenate([rng.permutation(real), np.arange(real, embeddings.shape[0])])
+    order = _real_track_order(embeddings, rng)
     clip_points, clip_visible = tracks_lib.shuffle_later_ids(clip_points, clip_visible, order)
     points.append(clip_points)
     visible.append(clip_visible)
   shuffled[TRACK_POINTS], shuffled[TRACK_VISIBLE] = np.stack(points), np.stack(visible)
   return shuffled
+
+
+def relabel_ids(batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """A host batch whose real tracks swap ID embeddings, each track keeping its new ID in every frame.
+
+  The control for `shuffle_later_ids`: both put other ID values at each point, but only the shuffle breaks the
+  link between a point's ID in frame 0 and later. A model's loss moves a little under any change of ID values;
+  only the part of the shuffle's change beyond this one comes from following IDs.
+  """
+  relabelled = dict(batch)
+  relabelled[TRACK_EMBEDDINGS] = np.stack([embeddings[_real_track_order(embeddings, rng)]
+                                           for embeddings in batch[TRACK_EMBEDDINGS]])
+  return relabelled
 
 
 def device_inputs(batch: dict[str, Any], *, codec: Codec, height: int, width: int,
