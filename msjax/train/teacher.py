@@ -326,7 +326,7 @@ class TeacherEval:
     self.frozen_text_params = frozen_text_params
     self.batch = preparer.unsharded(validation_batch)
     self.id_variants = {}  # metric prefix -> prepared batches, one per draw
-    if self.objective.use_tracks:
+    if self.objective.use_tracks and config.eval.id_draws > 0:  # 0 turns the ID metrics off
       rng = np.random.default_rng(config.seed)
       draws = range(int(config.eval.id_draws))
       self.id_variants = {
