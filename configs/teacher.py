@@ -72,10 +72,11 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 4  # fixed validation clips for the validation loss
   # Validation loss is reported at these fixed t (and their mean). At 0.95 the noisy clip hides the sprites'
-  # colours, so that is where following track IDs (val_loss_shuffled_ids_t0.95 > val_loss_t0.95) shows first.
+  # colours, so that is where following track IDs shows first (val_loss_shuffled_ids_t0.95 clearly above
+  # val_loss_relabelled_ids_t0.95).
   c.eval.timesteps = (0.25, 0.5, 0.75, 0.95)
-  # Random draws averaged in val_loss_shuffled_ids and its control val_loss_relabelled_ids. Their difference is
-  # noise below ~0.3% on 32 clips: measure ID following with eval.batch_size >= 32 and a few draws. 0: off.
+  # Random draws averaged in val_loss_shuffled_ids and its control val_loss_relabelled_ids. On 32 clips a
+  # difference under ~0.3% is noise: measure ID following with eval.batch_size >= 32 and a few draws. 0: off.
   c.eval.id_draws = 1
   c.eval.num_samples = 1  # guided samples written to <workdir>/samples per eval (0: none)
   return c
