@@ -262,7 +262,7 @@ def _flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _aggregate(clips: list[dict[str, Any]], series: list[dict[str, np.ndarray]]) -> dict[str, Any]:
   """Mean / median / std of every metric over clips, timing, and the mean per-frame drift curves."""
   flat = [_flatten(record["metrics"]) for record in clips]
-  aggregate = {name: metrics.summarize([f[name] for f in flat]) for name in flat[0]}
+  aggregate = _summaries(flat)
   timing = [record["timing"] for record in clips]
   aggregate["seconds"] = metrics.summarize([t["seconds"] for t in timing])
   aggregate["fps"] = metrics.summarize([t["fps"] for t in timing])
@@ -274,6 +274,11 @@ def _aggregate(clips: list[dict[str, Any]], series: list[dict[str, np.ndarray]])
   return {"aggregate": aggregate, "by_num_sprites": _by_num_sprites(clips, flat), "per_frame": per_frame}
 
 
+def _summaries(flat: list[dict[str, Any]]) -> dict[str, dict[str, float | int]]:
+  """`metrics.summarize` of every flattened clip metric over the given clips."""
+  return {name: metrics.summarize([f[name] for f in flat]) for name in flat[0]}
+
+
 def _by_num_sprites(clips: list[dict[str, Any]], flat: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
   """The clip metrics summarised separately for clips with 1, 2, ... sprites (JSON keys are the counts).
 
@@ -283,8 +288,7 @@ def _by_num_sprites(clips: list[dict[str, Any]], flat: list[dict[str, Any]]) -> 
   groups: dict[int, list[int]] = {}
   for index, record in enumerate(clips):
     groups.setdefault(record["num_sprites"], []).append(index)
-  return {str(count): {"clips": len(members),
-                       **{name: metrics.summarize([flat[i][name] for i in members]) for name in flat[0]}}
+  return {str(count): {"clips": len(members), **_summaries([flat[i] for i in members])}
           for count, members in sorted(groups.items())}
 
 
