@@ -24,6 +24,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.data.num_train = 8000
   c.data.num_validation = 128
   c.data.worker_count = 0
+  # smooth: the sprites world. jump: sprites jump to a random place every latent frame, so only track IDs tell
+  # them apart (a diagnostic for ID following; msjax.data.sprites). Also read by msjax.eval.
+  c.data.sprite_motion = "smooth"
 
   c.flow = ml_collections.ConfigDict()
   c.flow.shift = 6.0  # timestep shift k (paper: 6.0)

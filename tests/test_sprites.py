@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import models
+from configs import teacher as teacher_config
 from examples import make_examples
 from msjax import config_utils
 from msjax.data import sprites
@@ -17,6 +18,7 @@ from msjax.data import tracks as tracks_lib
 
 SEEDS = range(12)
 SMALL = sprites.SpritesConfig(height=32, width=48, num_frames=9, grid=6)
+JUMP = dataclasses.replace(SMALL, num_frames=13, motion=sprites.MOTION_JUMP)
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
@@ -83,6 +85,8 @@ def test_config_checks():
     sprites.SpritesConfig(max_radius_frac=0.45)
   with pytest.raises(config_utils.ConfigError, match="min_sprites"):
     sprites.SpritesConfig(min_sprites=3, max_sprites=2)
+  with pytest.raises(config_utils.ConfigError, match="motion must be one of smooth, jump, got 'teleport'"):
+    sprites.SpritesConfig(motion="teleport")
 
 
 def test_from_config_reads_the_tiny_preset():
@@ -91,6 +95,27 @@ def test_from_config_reads_the_tiny_preset():
   assert (config.height, config.width, config.num_frames, config.grid) == (
       preset.video.height, preset.video.width, preset.video.num_frames, preset.tracks.grid)
   assert config.temporal_stride == preset.codec.temporal_stride
+
+
+def test_from_config_reads_the_sprite_motion_of_a_training_config():
+  config = teacher_config.get_config()
+  assert sprites.SpritesConfig.from_config(config).motion == sprites.MOTION_SMOOTH
+  config.data.sprite_motion = sprites.MOTION_JUMP
+  assert sprites.SpritesConfig.from_config(config).motion == sprites.MOTION_JUMP
+
+
+def test_jumping_sprites_hold_each_latent_frame_and_move_between_them():
+  """Frame 0 is a latent frame of its own; each later latent frame holds one place for its 4 pixel frames."""
+  jumps = 0
+  for seed in SEEDS:
+    clip = sprites.render_clip(seed, JUMP)
+    latent = [clip.centroids[:1]] + [clip.centroids[1 + 4 * k:5 + 4 * k] for k in range(3)]
+    for held in latent:
+      np.testing.assert_array_equal(held, np.broadcast_to(held[:1], held.shape))
+    places = np.stack([held[0] for held in latent])  # [4, S, 2]
+    jumps += int((np.abs(np.diff(places, axis=0)).sum(-1) > 0).sum())
+    assert sprites.render_clip(seed, JUMP).prompt == clip.prompt  # deterministic like smooth clips
+  assert jumps >= 0.8 * 3 * sum(len(sprites.render_clip(seed, JUMP).shapes) for seed in SEEDS)
 
 
 def test_prompt_names_colours_shapes_and_effect():
@@ -128,7 +153,7 @@ def test_tracks_follow_rendered_pixels_exactly():
   """Visible <=> the tracked pixel still shows the point's own surface (its sprite, or the background)."""
   moved = 0
   for seed in SEEDS:
-    for config in (sprites.SpritesConfig(), SMALL):
+    for config in (sprites.SpritesConfig(), SMALL, JUMP):
       clip = sprites.render_clip(seed, config)
       colour, own = _colour_at(clip), _surface_colour(clip)
       np.testing.assert_array_equal(clip.visibility, (colour == own).all(-1), err_msg=f"seed {seed}")

@@ -7,6 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import models
+from configs import teacher as teacher_config
 from msjax.data import sprites
 from msjax.data import tfds_sprites
 
@@ -58,6 +59,17 @@ def test_builder_config_from_preset_matches_its_video():
   s = builder_config.sprites
   assert (s.height, s.width, s.num_frames, s.grid) == (64, 64, 45, 16)
   assert builder_config.name == "64x64x45_g16_3_2"
+
+
+def test_jumping_sprites_are_prepared_under_their_own_name():
+  config = teacher_config.get_config()
+  config.data.sprite_motion = sprites.MOTION_JUMP
+  builder_config = tfds_sprites.SpritesBuilderConfig.from_config(config, n_train=3, n_val=2)
+  assert builder_config.sprites.motion == sprites.MOTION_JUMP
+  assert builder_config.name == "64x64x45_g16_3_2_jump"
+  centroids = tfds_sprites.rendered_split(config, "train", n_train=3, n_val=2)[0]["centroids"]
+  np.testing.assert_array_equal(centroids[1:5], np.broadcast_to(centroids[1], centroids[1:5].shape))  # held
+  assert (centroids[1:] != centroids[:1]).any()  # and jumped from frame 0
 
 
 def test_train_split_may_not_reach_validation_seeds():

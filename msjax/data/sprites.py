@@ -5,6 +5,11 @@ random paths that bounce off the frame borders. Sprites are drawn back to front 
 furthest back) and the order never changes, so they occlude each other consistently. An optional text-only
 effect changes the background colour over time, giving text guidance something to do.
 
+`motion = "jump"` is a diagnostic variant: each sprite jumps to a new random place at the first pixel frame of
+every latent frame and stays there for that latent frame. Nothing but the tracks then says where a sprite is,
+and nothing but the track IDs says which sprite it is, so a model can only colour it right by matching each
+point's ID to the first frame (paper Eq. 1); in smooth motion a sprite is always near where it just was.
+
 Why the ground truth is exact:
   * Each sprite is one fixed binary stamp translated by whole pixels (no rotation, no resampling), so every
     pixel of a sprite moves exactly with the sprite.
@@ -54,6 +59,10 @@ SQUARE_HALF_SIDE = 0.9
 TRIANGLE_CIRCUMRADIUS = 1.25  # equilateral, apex up
 STAMP_EXTENT = max(1.0, SQUARE_HALF_SIDE, TRIANGLE_CIRCUMRADIUS)  # stamp half-size / r, covers every shape
 
+MOTION_SMOOTH = "smooth"
+MOTION_JUMP = "jump"
+MOTIONS = (MOTION_SMOOTH, MOTION_JUMP)
+
 
 def palette() -> dict[str, np.ndarray]:
   """Colour name -> uint8 RGB [3] for every sprite and background colour (prompts and colour detectors)."""
@@ -82,9 +91,12 @@ class SpritesConfig:
   max_speed_frac: float = 1.5 / 64
   accel_frac: float = 0.12 / 64  # std of the per-frame random acceleration before smoothing
   accel_smoothing: int = 9  # frames of the moving average that makes the acceleration smooth
+  motion: str = MOTION_SMOOTH  # smooth | jump (module docstring)
 
   def __post_init__(self):
     config_utils.latent_frames(self.num_frames, self.temporal_stride)  # raises ConfigError if not 1 + s*k
+    if self.motion not in MOTIONS:
+      raise config_utils.ConfigError(f"sprite motion must be one of {', '.join(MOTIONS)}, got {self.motion!r}")
     if not 1 <= self.min_sprites <= self.max_sprites <= len(SPRITE_COLORS):
       raise config_utils.ConfigError(
           f"need 1 <= min_sprites <= max_sprites <= {len(SPRITE_COLORS)} (distinct colours), got "
@@ -107,9 +119,12 @@ class SpritesConfig:
 
   @classmethod
   def from_config(cls, config) -> "SpritesConfig":
-    """Takes the frame size, length, temporal stride and track grid from a preset ConfigDict."""
+    """Takes the frame size, length, temporal stride and track grid from a preset ConfigDict, and the motion
+    from `config.data.sprite_motion` where the config has it (smooth otherwise)."""
+    data = config.get("data")
+    motion = data.get("sprite_motion", MOTION_SMOOTH) if data is not None else MOTION_SMOOTH
     return cls(height=config.video.height, width=config.video.width, num_frames=config.video.num_frames,
-               temporal_stride=config.codec.temporal_stride, grid=config.tracks.grid)
+               temporal_stride=config.codec.temporal_stride, grid=config.tracks.grid, motion=motion)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +217,17 @@ def _random_paths(rng: np.random.Generator, config: SpritesConfig, half_sizes: n
   return np.rint(_fold(start[None] + offsets, low[None], high[None])).astype(np.int32)
 
 
+def _jump_paths(rng: np.random.Generator, config: SpritesConfig, half_sizes: np.ndarray) -> np.ndarray:
+  """[T, S, 2] integer centre pixels (x, y): a uniform random place per latent frame, held for its pixel frames."""
+  low = half_sizes[:, None]
+  high = np.array([config.width, config.height])[None, :] - 1 - low
+  num_latent = config_utils.latent_frames(config.num_frames, config.temporal_stride)
+  places = rng.integers(low, high + 1, size=(num_latent, len(half_sizes), 2))  # [F, S, 2]
+  stride = config.temporal_stride
+  latent_of_frame = (np.arange(config.num_frames) + stride - 1) // stride  # frame 0 alone, then stride each
+  return places[latent_of_frame].astype(np.int32)
+
+
 def random_scene(seed: int, config: SpritesConfig = SpritesConfig()) -> Scene:
   """Draws every random choice of a clip from `np.random.default_rng(seed)`."""
   rng = np.random.default_rng(seed)
@@ -210,7 +236,8 @@ def random_scene(seed: int, config: SpritesConfig = SpritesConfig()) -> Scene:
   color_names = tuple(str(c) for c in rng.choice(list(SPRITE_COLORS), num_sprites, replace=False))
   radii = rng.uniform(config.min_radius_frac, config.max_radius_frac, num_sprites) * config.scale
   half_sizes = np.array([_stamp_half_size(r) for r in radii])
-  centres = _random_paths(rng, config, half_sizes)
+  paths = _jump_paths if config.motion == MOTION_JUMP else _random_paths
+  centres = paths(rng, config, half_sizes)
   backgrounds = list(BACKGROUND_COLORS)
   background_name = str(rng.choice(backgrounds))
   effect = ""

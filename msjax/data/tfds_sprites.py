@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
-from msjax.data.sprites import Clip, SpritesConfig, render_clip
+from msjax.data.sprites import MOTION_SMOOTH, Clip, SpritesConfig, render_clip
 
 VALIDATION_SEED_OFFSET = 10**6
 
@@ -79,6 +79,8 @@ class SpritesBuilderConfig(tfds.core.BuilderConfig):
     """The builder config whose clips match a preset (size, length, temporal stride, track grid)."""
     sprites = SpritesConfig.from_config(config)
     default_name = f"{sprites.height}x{sprites.width}x{sprites.num_frames}_g{sprites.grid}_{n_train}_{n_val}"
+    if sprites.motion != MOTION_SMOOTH:
+      default_name += f"_{sprites.motion}"
     return cls(name=name or default_name, sprites=sprites, n_train=n_train, n_val=n_val)
 
   def split_seeds(self) -> dict[str, range]:
