@@ -105,17 +105,20 @@ def test_from_config_reads_the_sprite_motion_of_a_training_config():
 
 
 def test_jumping_sprites_hold_each_latent_frame_and_move_between_them():
-  """Frame 0 is a latent frame of its own; each later latent frame holds one place for its 4 pixel frames."""
-  jumps = 0
+  """Frame 0 is a latent frame of its own; each later latent frame holds one place for its `stride` pixel frames."""
+  stride = JUMP.temporal_stride
+  later_latent = config_utils.latent_frames(JUMP.num_frames, stride) - 1
+  jumps = possible_jumps = 0
   for seed in SEEDS:
     clip = sprites.render_clip(seed, JUMP)
-    latent = [clip.centroids[:1]] + [clip.centroids[1 + 4 * k:5 + 4 * k] for k in range(3)]
+    latent = [clip.centroids[:1]] + [clip.centroids[1 + stride * k:1 + stride * (k + 1)] for k in range(later_latent)]
     for held in latent:
       np.testing.assert_array_equal(held, np.broadcast_to(held[:1], held.shape))
-    places = np.stack([held[0] for held in latent])  # [4, S, 2]
+    places = np.stack([held[0] for held in latent])  # [F, S, 2]
     jumps += int((np.abs(np.diff(places, axis=0)).sum(-1) > 0).sum())
+    possible_jumps += later_latent * len(clip.shapes)
     assert sprites.render_clip(seed, JUMP).prompt == clip.prompt  # deterministic like smooth clips
-  assert jumps >= 0.8 * 3 * sum(len(sprites.render_clip(seed, JUMP).shapes) for seed in SEEDS)
+  assert jumps >= 0.8 * possible_jumps
 
 
 def test_prompt_names_colours_shapes_and_effect():

@@ -201,11 +201,16 @@ def _smooth_acceleration(rng: np.random.Generator, config: SpritesConfig, num_sp
   return (summed[window:] - summed[:-window]) / window
 
 
+def _centre_range(config: SpritesConfig, half_sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per sprite, the lowest and highest centre pixel (x, y) [S, 2] that keep its whole stamp in the frame."""
+  low = half_sizes[:, None].astype(np.int64)
+  return low, np.array([config.width, config.height])[None, :] - 1 - low
+
+
 def _random_paths(rng: np.random.Generator, config: SpritesConfig, half_sizes: np.ndarray) -> np.ndarray:
   """[T, S, 2] integer centre pixels (x, y): speed-limited smooth motion, bouncing so stamps stay in frame."""
   num_sprites = len(half_sizes)
-  low = half_sizes[:, None].astype(np.float64)
-  high = np.array([config.width, config.height], np.float64)[None, :] - 1 - low
+  low, high = (bound.astype(np.float64) for bound in _centre_range(config, half_sizes))
   start = rng.uniform(low, high)
   angle = rng.uniform(0, 2 * np.pi, num_sprites)
   speed = rng.uniform(config.min_speed_frac, config.max_speed_frac, num_sprites) * config.scale
@@ -219,8 +224,7 @@ def _random_paths(rng: np.random.Generator, config: SpritesConfig, half_sizes: n
 
 def _jump_paths(rng: np.random.Generator, config: SpritesConfig, half_sizes: np.ndarray) -> np.ndarray:
   """[T, S, 2] integer centre pixels (x, y): a uniform random place per latent frame, held for its pixel frames."""
-  low = half_sizes[:, None]
-  high = np.array([config.width, config.height])[None, :] - 1 - low
+  low, high = _centre_range(config, half_sizes)
   num_latent = config_utils.latent_frames(config.num_frames, config.temporal_stride)
   places = rng.integers(low, high + 1, size=(num_latent, len(half_sizes), 2))  # [F, S, 2]
   stride = config.temporal_stride
