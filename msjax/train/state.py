@@ -24,6 +24,7 @@ LossFn = Callable[[Params, Batch, jax.Array], tuple[jax.Array, Metrics]]
 TrainStep = Callable[["TrainState", Batch], tuple["TrainState", Metrics]]
 
 SCHEDULES = ("constant", "cosine")
+DECAYED_LEAVES = ("kernel", "embedding")  # flax names of Dense/Conv weights and Embed tables
 
 
 @flax.struct.dataclass
@@ -49,8 +50,11 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -
 
 
 def _decay_mask(params: Params) -> Params:
-  """Weight decay on matrices and kernels only; biases, norm scales and other vectors are left alone."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay on weight matrices only (leaves named in DECAYED_LEAVES). Biases, norm scales and modulation
+  tables are left alone. The choice goes by name, not rank: scanned layers stack a per-layer bias into [L, D]."""
+  def is_weight(path: tuple[Any, ...], _) -> bool:
+    return getattr(path[-1], "key", None) in DECAYED_LEAVES
+  return jax.tree_util.tree_map_with_path(is_weight, params)
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
