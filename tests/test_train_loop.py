@@ -126,10 +126,10 @@ def test_schedule_clipping_decay_mask_and_ema():
   stacked_start = state_lib.create_train_state(stacked, tx, jax.random.PRNGKey(0))
   moved = state_lib.apply_gradients(stacked_start, jax.tree.map(jnp.zeros_like, stacked), tx, ema_decay=0.75).params
   decayed = 1.0 - optim.learning_rate * 0.5
-  chex.assert_trees_all_close(moved, {"blocks": {"q": {"kernel": jnp.full((2, 4, 4), decayed), "bias": jnp.ones((2, 4))},
-                                                 "norm_q": {"scale": jnp.ones((2, 4))},
-                                                 "modulation": jnp.ones((2, 6, 4))},
-                                      "token_embed": {"embedding": jnp.full((5, 4), decayed)}}, rtol=1e-6)
+  expected = {"blocks": {"q": {"kernel": jnp.full((2, 4, 4), decayed), "bias": jnp.ones((2, 4))},
+                         "norm_q": {"scale": jnp.ones((2, 4))}, "modulation": jnp.ones((2, 6, 4))},
+              "token_embed": {"embedding": jnp.full((5, 4), decayed)}}
+  chex.assert_trees_all_close(moved, expected, rtol=1e-6)
   # EMA warm-up: at step 0 the decay is min(0.75, 1/10); late in a run it is the configured 0.75.
   chex.assert_trees_all_close(stepped.ema_params,
                               jax.tree.map(lambda p, q: 0.1 * p + 0.9 * q, params, stepped.params))
