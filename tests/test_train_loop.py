@@ -118,14 +118,14 @@ def test_schedule_clipping_decay_mask_and_ema():
   # Zero gradients: only decoupled weight decay moves parameters, and only the matrix.
   stepped = state_lib.apply_gradients(start, jax.tree.map(jnp.zeros_like, params), tx, ema_decay=0.75)
   np.testing.assert_array_equal(stepped.params["bias"], params["bias"])
-  assert float(stepped.params["kernel"][0, 0]) == pytest.approx(1.0 - optim.learning_rate * 0.5, rel=1e-5)
+  decayed = 1.0 - optim.learning_rate * optim.weight_decay  # one step of decoupled decay from 1.0
+  assert float(stepped.params["kernel"][0, 0]) == pytest.approx(decayed, rel=1e-5)
   # Layers stacked by scan: a per-layer bias, norm scale or modulation table is 2-D or more, yet not decayed.
   stacked = {"blocks": {"q": {"kernel": jnp.ones((2, 4, 4)), "bias": jnp.ones((2, 4))},
                         "norm_q": {"scale": jnp.ones((2, 4))}, "modulation": jnp.ones((2, 6, 4))},
              "token_embed": {"embedding": jnp.ones((5, 4))}}
   stacked_start = state_lib.create_train_state(stacked, tx, jax.random.PRNGKey(0))
   moved = state_lib.apply_gradients(stacked_start, jax.tree.map(jnp.zeros_like, stacked), tx, ema_decay=0.75).params
-  decayed = 1.0 - optim.learning_rate * 0.5
   expected = {"blocks": {"q": {"kernel": jnp.full((2, 4, 4), decayed), "bias": jnp.ones((2, 4))},
                          "norm_q": {"scale": jnp.ones((2, 4))}, "modulation": jnp.ones((2, 6, 4))},
               "token_embed": {"embedding": jnp.full((5, 4), decayed)}}
