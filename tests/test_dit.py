@@ -176,6 +176,21 @@ def test_track_head_is_chunkwise():
     apply(variables, cond.track_grid[:, :6])
 
 
+def test_track_input_scale_is_a_factor_on_the_grid():
+  """model.track_input_scale acts as if every ID embedding were that much larger (same parameters)."""
+  config, _, _, _, cond = dit_fixtures.small_setup()
+  dims = (config.tracks.embed_dim, config.codec.temporal_stride, config.model.track_channels)
+  plain = track_head.TrackHead(*dims)
+  scaled = track_head.TrackHead(*dims, input_scale=4.0)
+  variables = plain.init(jax.random.key(5), cond.track_grid)
+  np.testing.assert_allclose(scaled.apply(variables, cond.track_grid), plain.apply(variables, 4.0 * cond.track_grid),
+                             rtol=1e-5, atol=1e-6)
+  assert dit.DiTSpec.from_config(config).track_input_scale == config.model.track_input_scale
+  config.model.track_input_scale = 0.0
+  with pytest.raises(config_utils.ConfigError, match="track_input_scale"):
+    dit.DiTSpec.from_config(config)
+
+
 def test_image_condition_channels():
   b, f, h, w, c, m = 2, 3, 4, 4, 5, 4
   first = jnp.arange(b * h * w * c, dtype=jnp.float32).reshape(b, h, w, c) + 1.0

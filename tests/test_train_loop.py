@@ -179,3 +179,11 @@ def test_a_checkpoint_older_than_a_config_key_matches_the_value_it_was_trained_w
   config.tracks.splat = "cubic"
   with pytest.raises(config_utils.ConfigError, match="tracks.splat"):
     config_utils.geometry(config)
+  # ... and before model.track_input_scale existed, the track head read the grid unscaled.
+  config = models.tiny()
+  saved = loop._config_json(config)  # pylint: disable=protected-access
+  del saved["model"]["track_input_scale"]
+  loop.check_config_compatible(saved, config, "old")
+  config.model.track_input_scale = 32.0
+  with pytest.raises(loop.CheckpointMismatchError, match="model.track_input_scale: checkpoint 1.0, config 32.0"):
+    loop.check_config_compatible(saved, config, "old")

@@ -84,6 +84,7 @@ class DiTSpec:
   image_embed_dim: int
   text_dim: int
   track_channels: int
+  track_input_scale: float
   track_embed_dim: int
   temporal_stride: int
   dtype: str
@@ -101,13 +102,16 @@ class DiTSpec:
     prediction = m.prediction
     if prediction not in PREDICTIONS:
       raise config_utils.ConfigError(f"model.prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    if not (math.isfinite(m.track_input_scale) and m.track_input_scale > 0):
+      raise config_utils.ConfigError(f"model.track_input_scale must be a positive number, got {m.track_input_scale!r}")
     return cls(
         dim=m.dim, num_layers=m.num_layers, num_heads=m.num_heads, head_dim=geo.head_dim, ffn_dim=m.ffn_dim,
         freq_dim=m.freq_dim, patch_size=tuple(m.patch_size), latent_channels=geo.latent_channels,
         in_channels=geo.in_channels, eps=m.eps, qk_norm=m.qk_norm, cross_attn_norm=m.cross_attn_norm,
         rope_theta=m.rope_theta, image_condition=m.image_condition, mask_channels=m.mask_channels,
         image_cross_attn=m.image_cross_attn, image_embed_dim=m.image_embed_dim, text_dim=m.text_dim,
-        track_channels=m.track_channels, track_embed_dim=config.tracks.embed_dim,
+        track_channels=m.track_channels, track_input_scale=float(m.track_input_scale),
+        track_embed_dim=config.tracks.embed_dim,
         temporal_stride=config.codec.temporal_stride, dtype=m.dtype, attention=m.attention, remat=m.remat,
         scan_layers=m.scan_layers, prediction=prediction, x0_min_t=float(m.x0_min_t))
 
@@ -467,7 +471,7 @@ class WanDiT(nn.Module):
       self.image_embedding = ImageEmbedding(s)
     if s.track_channels:
       self.track_head = track_head_lib.TrackHead(s.track_embed_dim, s.temporal_stride, s.track_channels,
-                                                 dtype=s.compute_dtype)
+                                                 input_scale=s.track_input_scale, dtype=s.compute_dtype)
     self.blocks = WanBlock(s)
     self.head = Head(s)
 

@@ -62,12 +62,13 @@ class TrackHead(nn.Module):
   embed_dim: int
   temporal_stride: int
   track_channels: int
+  input_scale: float = 1.0  # config.model.track_input_scale
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, grid: jax.Array) -> jax.Array:
     chex.assert_axis_dimension(grid, -1, self.embed_dim)
-    packed = pack_time(grid, self.temporal_stride)
+    packed = pack_time(grid * self.input_scale, self.temporal_stride)
     hidden = nn.Dense(packed.shape[-1], dtype=self.dtype, name="fc1")(packed)
     features = nn.Dense(self.track_channels, dtype=self.dtype, name="fc2")(nn.silu(hidden))
     return features.astype(jnp.float32)

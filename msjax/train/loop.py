@@ -38,7 +38,7 @@ TENSORBOARD_SUBDIR = "tb"
 SHAPE_SECTIONS = ("model", "codec", "video", "tracks")
 # Keys added to those sections after checkpoints had been written, with the value that reproduces how such an
 # older checkpoint was trained: a side (checkpoint or config) without the key compares as holding that value.
-ADDED_KEYS = {"tracks": {"splat": "nearest"}}
+ADDED_KEYS = {"tracks": {"splat": "nearest"}, "model": {"track_input_scale": 1.0}}
 
 
 class CheckpointMismatchError(ValueError):
