@@ -12,7 +12,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.stage = "teacher"
   c.seed = 0
   c.workdir = f"runs/teacher_{c.preset}"
-  c.init_checkpoint = ""  # converted Wan DiT params (python -m msjax.convert wan ...); "" = random init
+  # DiT params to start from: converted Wan weights (python -m msjax.convert wan ...) or a tile run that taught the
+  # toy teacher to read track IDs (python -m msjax.bench.id_routing --save_params; README "Reading track IDs").
+  # "" = random init.
+  c.init_checkpoint = ""
 
   c.data = ml_collections.ConfigDict()
   # sprites: a tfds dataset prepared once under data_dir; sprites_rendered: the same clips rendered as they are
@@ -25,7 +28,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.data.num_validation = 128
   c.data.worker_count = 0
   # smooth: the sprites world. jump: sprites jump to a random place every latent frame, so only track IDs tell
-  # them apart (a diagnostic for ID following; msjax.data.sprites). Also read by msjax.eval.
+  # them apart (a diagnostic for ID following; msjax.data.sprites). mixed: smooth or jump per clip, even odds
+  # (keeps ID reading rewarded while training for the smooth world). Also read by msjax.eval.
   c.data.sprite_motion = "smooth"
 
   c.flow = ml_collections.ConfigDict()

@@ -2,11 +2,16 @@
 
 import math
 
+import jax
 import numpy as np
 import pytest
 
+from configs import teacher as teacher_config_lib
 from msjax.bench import id_routing
 from msjax.data import pipeline
+from msjax.models import dit
+from msjax.models import text as text_lib
+from msjax.train import teacher
 
 
 def _colours_under_points(clip, frame):
@@ -37,12 +42,26 @@ def test_every_track_stays_on_its_tile(tiles):
   assert len(occupied) == config.tracks.grid ** 2
 
 
-def test_a_short_run_reports_the_three_losses():
+def test_a_short_run_reports_the_three_losses_and_saves_params_a_teacher_can_start_from(tmp_path):
   config = id_routing.probe_config(track_input_scale=32.0, batch_size=2, learning_rate=5e-4, seed=0)
-  rows = id_routing.run(config, "shuffled", steps=1, eval_every=1, eval_clips=2)
-  assert [row["step"] for row in rows] == [0, 1]
+  config.optim.warmup_steps = 0  # so both steps move the params (the first reaches only the zero-initialised head)
+  saved = tmp_path / "tiles_params"
+  rows = id_routing.run(config, "shuffled", steps=2, eval_every=1, eval_clips=2, save_params=str(saved))
+  assert [row["step"] for row in rows] == [0, 1, 2]
   for row in rows:
     assert all(math.isfinite(row[name]) for name in ("given", "shuffled_ids", "relabelled_ids"))
+  # What --save_params writes is what a teacher run's init_checkpoint reads, and it is the trained model: the
+  # run's own initialisation (same seed) moved by its steps.
+  teacher_config = teacher_config_lib.get_config("tiny")
+  model = dit.WanDiT(dit.DiTSpec.from_config(teacher_config))
+  text_encoder = text_lib.make_text_encoder(teacher_config)
+  params_key, _ = jax.random.split(jax.random.PRNGKey(config.seed))
+  initial = teacher.init_params(teacher_config, model, text_encoder, params_key)[teacher.DIT_PARAMS]
+  loaded = teacher.load_dit_checkpoint(str(saved), initial)
+  moved = [not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(initial))]
+  assert np.mean(moved) > 0.5
+  with pytest.raises(FileExistsError, match="tiles_params"):
+    id_routing.run(config, "shuffled", steps=1, eval_every=1, eval_clips=2, save_params=str(saved))
 
 
 @pytest.mark.slow

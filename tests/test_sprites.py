@@ -85,7 +85,7 @@ def test_config_checks():
     sprites.SpritesConfig(max_radius_frac=0.45)
   with pytest.raises(config_utils.ConfigError, match="min_sprites"):
     sprites.SpritesConfig(min_sprites=3, max_sprites=2)
-  with pytest.raises(config_utils.ConfigError, match="motion must be one of smooth, jump, got 'teleport'"):
+  with pytest.raises(config_utils.ConfigError, match="motion must be one of smooth, jump, mixed, got 'teleport'"):
     sprites.SpritesConfig(motion="teleport")
 
 
@@ -119,6 +119,28 @@ def test_jumping_sprites_hold_each_latent_frame_and_move_between_them():
     possible_jumps += later_latent * len(clip.shapes)
     assert sprites.render_clip(seed, JUMP).prompt == clip.prompt  # deterministic like smooth clips
   assert jumps >= 0.8 * possible_jumps
+
+
+def _held_every_latent_frame(seed: int, config: sprites.SpritesConfig) -> bool:
+  """Whether every sprite centre stays put within each latent frame after frame 0 (jump motion's mark)."""
+  centres, stride = sprites.random_scene(seed, config).centres, config.temporal_stride
+  return all((centres[1 + stride * k:1 + stride * (k + 1)] == centres[1 + stride * k]).all()
+             for k in range(config_utils.latent_frames(config.num_frames, stride) - 1))
+
+
+def test_mixed_motion_draws_smooth_or_jump_per_clip():
+  """Each mixed clip is one of the two worlds whole; about half of them jump."""
+  mixed = dataclasses.replace(JUMP, motion=sprites.MOTION_MIXED)
+  smooth = dataclasses.replace(JUMP, motion=sprites.MOTION_SMOOTH)
+  seeds = range(40)
+  jumping = [_held_every_latent_frame(seed, mixed) for seed in seeds]
+  assert 10 <= sum(jumping) <= 30
+  assert not any(_held_every_latent_frame(seed, smooth) for seed in seeds)
+  assert all(_held_every_latent_frame(seed, JUMP) for seed in seeds)
+  for seed, jumped in zip(seeds, jumping):
+    steps = np.abs(np.diff(sprites.random_scene(seed, mixed).centres, axis=0)).max()
+    assert (steps > 2) if jumped else (steps <= 2)  # smooth: at most 1.5 px per frame, rounded
+  assert sprites.render_clip(7, mixed).video.shape == (mixed.num_frames, mixed.height, mixed.width, 3)
 
 
 def test_prompt_names_colours_shapes_and_effect():

@@ -15,6 +15,7 @@ relabelling; one that does not scores all three alike, near the loss of predicti
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 import tempfile
 import time
@@ -27,6 +28,7 @@ import numpy as np
 from configs import teacher as teacher_config
 from msjax import codecs
 from msjax import config_utils
+from msjax.convert import common as convert_common
 from msjax.data import pipeline
 from msjax.data import tracks as tracks_lib
 from msjax.models import dit
@@ -91,11 +93,17 @@ def tile_batch(rng: np.random.Generator, config: ml_collections.ConfigDict, tile
   return {name: np.stack([clip[name] for clip in clips]) for name in clips[0]}
 
 
-def run(config: ml_collections.ConfigDict, tiles: str, steps: int, eval_every: int,
-        eval_clips: int) -> list[dict[str, float]]:
-  """Trains from scratch for `steps` and returns the eval rows (step, seconds, the three t = 0.95 losses)."""
+def run(config: ml_collections.ConfigDict, tiles: str, steps: int, eval_every: int, eval_clips: int,
+        save_params: str = "") -> list[dict[str, float]]:
+  """Trains from scratch for `steps` and returns the eval rows (step, seconds, the three t = 0.95 losses).
+
+  `save_params`: a folder to write the trained DiT params to, in the form `config.init_checkpoint` reads, so a
+  teacher run can start from a model that already routes by ID.
+  """
   if tiles not in TILE_MODES:
     raise ValueError(f"tiles must be one of {TILE_MODES}, got {tiles!r}")
+  if save_params and pathlib.Path(save_params).exists():
+    raise FileExistsError(f"{save_params} already exists; give save_params a new folder")
   mesh = sharding.make_mesh(config.mesh)
   model = dit.WanDiT(dit.DiTSpec.from_config(config))
   text_encoder = text_lib.make_text_encoder(config)
@@ -126,6 +134,8 @@ def run(config: ml_collections.ConfigDict, tiles: str, steps: int, eval_every: i
       if step == steps:
         break
       state, _ = step_fn(state, preparer(tile_batch(rng, config, tiles, config.train.batch_size)), null_context)
+  if save_params:
+    print(f"wrote {convert_common.save_params(jax.device_get(state.params[teacher.DIT_PARAMS]), save_params)}")
   return rows
 
 
@@ -139,11 +149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--eval_every", type=int, default=250)
   parser.add_argument("--eval_clips", type=int, default=32)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--save_params", default="",
+                      help="write the trained DiT params here (for --config.init_checkpoint of a teacher run)")
   args = parser.parse_args(argv)
   config = probe_config(args.track_input_scale, args.batch_size, args.learning_rate, args.seed)
   print(f"tiles {args.tiles}, track_input_scale {args.track_input_scale:g}, {config.video.num_frames} frames, "
         f"batch {args.batch_size}, lr {args.learning_rate:g}", flush=True)
-  run(config, args.tiles, args.steps, args.eval_every, args.eval_clips)
+  run(config, args.tiles, args.steps, args.eval_every, args.eval_clips, args.save_params)
   return 0
 
 

@@ -9,6 +9,8 @@ effect changes the background colour over time, giving text guidance something t
 every latent frame and stays there for that latent frame. Nothing but the tracks then says where a sprite is,
 and nothing but the track IDs says which sprite it is, so a model can only colour it right by matching each
 point's ID to the first frame (paper Eq. 1); in smooth motion a sprite is always near where it just was.
+`motion = "mixed"` draws smooth or jump for each clip with even odds: training on it keeps rewarding ID reading
+while the model also learns the smooth world it is evaluated on (README, "Reading track IDs").
 
 Why the ground truth is exact:
   * Each sprite is one fixed binary stamp translated by whole pixels (no rotation, no resampling), so every
@@ -61,7 +63,8 @@ STAMP_EXTENT = max(1.0, SQUARE_HALF_SIDE, TRIANGLE_CIRCUMRADIUS)  # stamp half-s
 
 MOTION_SMOOTH = "smooth"
 MOTION_JUMP = "jump"
-MOTIONS = (MOTION_SMOOTH, MOTION_JUMP)
+MOTION_MIXED = "mixed"
+MOTIONS = (MOTION_SMOOTH, MOTION_JUMP, MOTION_MIXED)
 
 
 def palette() -> dict[str, np.ndarray]:
@@ -91,7 +94,7 @@ class SpritesConfig:
   max_speed_frac: float = 1.5 / 64
   accel_frac: float = 0.12 / 64  # std of the per-frame random acceleration before smoothing
   accel_smoothing: int = 9  # frames of the moving average that makes the acceleration smooth
-  motion: str = MOTION_SMOOTH  # smooth | jump (module docstring)
+  motion: str = MOTION_SMOOTH  # smooth | jump | mixed (module docstring)
 
   def __post_init__(self):
     config_utils.latent_frames(self.num_frames, self.temporal_stride)  # raises ConfigError if not 1 + s*k
@@ -240,7 +243,10 @@ def random_scene(seed: int, config: SpritesConfig = SpritesConfig()) -> Scene:
   color_names = tuple(str(c) for c in rng.choice(list(SPRITE_COLORS), num_sprites, replace=False))
   radii = rng.uniform(config.min_radius_frac, config.max_radius_frac, num_sprites) * config.scale
   half_sizes = np.array([_stamp_half_size(r) for r in radii])
-  paths = _jump_paths if config.motion == MOTION_JUMP else _random_paths
+  motion = config.motion
+  if motion == MOTION_MIXED:  # drawn only here, so smooth and jump scenes keep their random streams
+    motion = MOTION_JUMP if rng.random() < 0.5 else MOTION_SMOOTH
+  paths = _jump_paths if motion == MOTION_JUMP else _random_paths
   centres = paths(rng, config, half_sizes)
   backgrounds = list(BACKGROUND_COLORS)
   background_name = str(rng.choice(backgrounds))
