@@ -58,7 +58,8 @@ def test_a_short_run_reports_the_three_losses_and_saves_params_a_teacher_can_sta
   params_key, _ = jax.random.split(jax.random.PRNGKey(config.seed))
   initial = teacher.init_params(teacher_config, model, text_encoder, params_key)[teacher.DIT_PARAMS]
   loaded = teacher.load_dit_checkpoint(str(saved), initial)
-  moved = [not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(initial))]
+  leaves = zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(initial))
+  moved = [not np.allclose(a, b) for a, b in leaves]
   assert np.mean(moved) > 0.5
   with pytest.raises(FileExistsError, match="tiles_params"):
     id_routing.run(config, "shuffled", steps=1, eval_every=1, eval_clips=2, save_params=str(saved))

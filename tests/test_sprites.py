@@ -104,14 +104,20 @@ def test_from_config_reads_the_sprite_motion_of_a_training_config():
   assert sprites.SpritesConfig.from_config(config).motion == sprites.MOTION_JUMP
 
 
+def _per_latent_frame(series: np.ndarray, config: sprites.SpritesConfig) -> list[np.ndarray]:
+  """A per-pixel-frame series split by latent frame: frame 0 alone, then `temporal_stride` frames each."""
+  stride = config.temporal_stride
+  later_latent = config_utils.latent_frames(config.num_frames, stride) - 1
+  return [series[:1]] + [series[1 + stride * k:1 + stride * (k + 1)] for k in range(later_latent)]
+
+
 def test_jumping_sprites_hold_each_latent_frame_and_move_between_them():
   """Frame 0 is a latent frame of its own; each later latent frame holds one place for its `stride` pixel frames."""
-  stride = JUMP.temporal_stride
-  later_latent = config_utils.latent_frames(JUMP.num_frames, stride) - 1
+  later_latent = config_utils.latent_frames(JUMP.num_frames, JUMP.temporal_stride) - 1
   jumps = possible_jumps = 0
   for seed in SEEDS:
     clip = sprites.render_clip(seed, JUMP)
-    latent = [clip.centroids[:1]] + [clip.centroids[1 + stride * k:1 + stride * (k + 1)] for k in range(later_latent)]
+    latent = _per_latent_frame(clip.centroids, JUMP)
     for held in latent:
       np.testing.assert_array_equal(held, np.broadcast_to(held[:1], held.shape))
     places = np.stack([held[0] for held in latent])  # [F, S, 2]
@@ -123,9 +129,8 @@ def test_jumping_sprites_hold_each_latent_frame_and_move_between_them():
 
 def _held_every_latent_frame(seed: int, config: sprites.SpritesConfig) -> bool:
   """Whether every sprite centre stays put within each latent frame after frame 0 (jump motion's mark)."""
-  centres, stride = sprites.random_scene(seed, config).centres, config.temporal_stride
-  return all((centres[1 + stride * k:1 + stride * (k + 1)] == centres[1 + stride * k]).all()
-             for k in range(config_utils.latent_frames(config.num_frames, stride) - 1))
+  later = _per_latent_frame(sprites.random_scene(seed, config).centres, config)[1:]
+  return all((held == held[0]).all() for held in later)
 
 
 def test_mixed_motion_draws_smooth_or_jump_per_clip():
