@@ -1,0 +1,160 @@
+"""How sharp can a sampler end? One-step x0 estimates of the teacher from the TRUE noisy clip, at fixed t.
+
+  python -m msjax.eval.x0_probe --config configs/teacher.py --checkpoint DIR [--num_clips 20] [--out probe.json]
+
+For held-out sprites clips, the true latents are noised to each t in `--timesteps` and the model (unguided, tracks
+as given) predicts x0 once. PSNR is reported over frames 1+ (frame 0 is given), on the whole frame and split into
+background and sprite pixels (by the true video), next to a reference that uses no network: the best scalar
+rescaling of the noisy input, c(t) z_t with c = (1 - t) m / ((1 - t)^2 m + t^2), m the clips' mean squared latent.
+Every sampler's last step is one such estimate from a noisy clip it made itself, so these numbers bound what
+more steps or another sampler can reach; where the model falls below the reference at small t it blurs a clip that
+is already nearly clean, which more steps cannot fix.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Sequence
+
+from absl import app, flags, logging
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from msjax import inference
+from msjax import io_utils
+from msjax.data import pipeline
+from msjax.data import sprites as sprites_lib
+from msjax.diffusion import flow
+from msjax.eval import metrics
+from msjax.eval import sprites_eval
+from msjax.models import dit
+
+REGIONS = ("all", "background", "sprites")
+DEFAULT_TIMESTEPS = (0.95, 0.857, 0.667, 0.5, 0.25, 0.1)  # the first three: the 4-step sampler's times at shift 6
+
+
+def scalar_skip(t: float, second_moment: float) -> float:
+  """The c minimising E|c z_t - x0|^2 for z_t = (1 - t) x0 + t noise, when E[x0^2] = `second_moment`."""
+  return (1.0 - t) * second_moment / ((1.0 - t) ** 2 * second_moment + t**2)
+
+
+class SquaredErrors:
+  """Sums of squared uint8 errors and pixel counts per region, so PSNR comes from the pooled MSE."""
+
+  def __init__(self):
+    self.sums = dict.fromkeys(REGIONS, 0.0)
+    self.counts = dict.fromkeys(REGIONS, 0)
+
+  def add(self, video: np.ndarray, clip: sprites_lib.Clip) -> None:
+    chex.assert_equal_shape([video, clip.video])
+    later = slice(1, None)  # frame 0 is given to the model
+    error = np.mean((video[later].astype(np.float64) - clip.video[later].astype(np.float64)) ** 2, axis=-1)
+    background = metrics.true_regions(clip.video[later], clip.background[later], clip.colors)[:, 0]
+    for region, mask in (("all", np.ones_like(background)), ("background", background), ("sprites", ~background)):
+      self.sums[region] += float(error[mask].sum())
+      self.counts[region] += int(mask.sum())
+
+  def psnr(self) -> dict[str, float]:
+    """dB per region; NaN for a region no pixel fell in, inf for one reproduced exactly."""
+    out = {}
+    for region in REGIONS:
+      if not self.counts[region]:
+        out[region] = float("nan")
+      elif self.sums[region] == 0.0:
+        out[region] = float("inf")
+      else:
+        out[region] = float(10.0 * np.log10(metrics.UINT8_LEVELS**2 * self.counts[region] / self.sums[region]))
+    return out
+
+
+def probe(model: inference.Model, clips: Sequence[sprites_lib.Clip], timesteps: Sequence[float],
+          seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+  """{f"{t:g}": {"model": {region: dB}, "scalar_skip": {region: dB}}}; the same noise for both at each t."""
+  network = dit.WanDiT(model.spec)
+  config = model.config
+
+  @jax.jit
+  def x0_estimate(params, z0, noise, t, cond):
+    t_vec = jnp.full((z0.shape[0],), t, jnp.float32)
+    z_t = flow.add_noise(z0, noise, t_vec)
+    x0 = flow.x0_from_velocity(z_t, t_vec, network.apply({"params": params}, z_t, t_vec, cond))
+    return x0, z_t
+
+  latents = [model.codec.encode(model.codec_params, jnp.asarray(pipeline.video_to_unit_range(c.video))[None])
+             for c in clips]
+  second_moment = float(np.mean([jnp.mean(jnp.square(z)) for z in latents]))
+  errors = {t: {"model": SquaredErrors(), "scalar_skip": SquaredErrors()} for t in timesteps}
+
+  def pixels(z: jax.Array) -> np.ndarray:
+    return np.asarray(inference.to_uint8(model.codec.decode(model.codec_params, z)[0]))
+
+  for index, (clip, z0) in enumerate(zip(clips, latents)):
+    context, _ = inference.encode_prompt(model, [clip.prompt])
+    grid = inference.track_grid(sprites_eval.clip_tracks(clip), config, seed=seed + index)
+    cond = inference.conditioning(model, context, inference.first_latent(model, clip.video[0]), grid)
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+    for t in timesteps:
+      noise = jax.random.normal(jax.random.fold_in(key, round(t * 1e6)), z0.shape, jnp.float32)
+      x0, z_t = x0_estimate(model.dit_params, z0, noise, t, cond)
+      errors[t]["model"].add(pixels(x0), clip)
+      errors[t]["scalar_skip"].add(pixels(scalar_skip(t, second_moment) * z_t), clip)
+  return {f"{t:g}": {name: e.psnr() for name, e in by_name.items()} for t, by_name in errors.items()}
+
+
+def format_table(result: dict[str, dict[str, dict[str, float]]]) -> str:
+  lines = ["t        model: all / background / sprites dB    scalar rescaling of z_t: all / background / sprites dB"]
+  for t, rows in result.items():
+    m, s = rows["model"], rows["scalar_skip"]
+    lines.append(f"{t:<8s} {m['all']:6.2f} / {m['background']:6.2f} / {m['sprites']:6.2f}"
+                 f"                     {s['all']:6.2f} / {s['background']:6.2f} / {s['sprites']:6.2f}")
+  return "\n".join(lines)
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/teacher.py", "Config holding the model preset.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Teacher workdir or exported model folder.")
+_NUM_CLIPS = flags.DEFINE_integer("num_clips", 20, "Held-out clips.")
+_SEED_START = flags.DEFINE_integer("seed_start", sprites_eval.EVAL_SEED_START, "First held-out seed.")
+_TIMESTEPS = flags.DEFINE_list("timesteps", [f"{t:g}" for t in DEFAULT_TIMESTEPS], "Noise levels t in (0, 1].")
+_OUT = flags.DEFINE_string("out", None, "Optional JSON file for the table.")
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}; all options are --flags")
+  logging.set_verbosity(logging.WARNING)
+  config: ml_collections.ConfigDict = _CONFIG.value
+  if not _CHECKPOINT.value:
+    _fail("--checkpoint is required (a teacher workdir such as runs/teacher_tiny, or an exported model folder)")
+  try:
+    timesteps = [float(t) for t in _TIMESTEPS.value]
+  except ValueError:
+    _fail(f"--timesteps must be numbers in (0, 1], got {','.join(_TIMESTEPS.value)}")
+  if not all(0.0 < t <= 1.0 for t in timesteps):
+    _fail(f"--timesteps must lie in (0, 1], got {','.join(_TIMESTEPS.value)}")
+  try:
+    model = inference.load_model(_CHECKPOINT.value, config)
+    seeds = sprites_eval.eval_seeds(_NUM_CLIPS.value, _SEED_START.value)
+  except (inference.ModelError, ValueError) as e:
+    _fail(str(e))
+  clips = sprites_eval.render_clips(seeds, sprites_eval.world_config(config))
+  result = probe(model, clips, timesteps, seed=int(config.get("seed", 0)))
+  print(f"one-step x0 from the true noisy clip: {_CHECKPOINT.value}, {len(clips)} clips, frames 1-"
+        f"{clips[0].video.shape[0] - 1}, PSNR pooled over the clips")
+  print(format_table(result))
+  if _OUT.value:
+    io_utils.atomic_write_bytes(_OUT.value, json.dumps(result, indent=2).encode())
+    print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

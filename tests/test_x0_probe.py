@@ -1,0 +1,85 @@
+"""The one-step x0 probe (msjax.eval.x0_probe): its no-network reference, region PSNR and CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import models
+from msjax import inference
+from msjax.eval import sprites_eval
+from msjax.eval import x0_probe
+
+
+def small_config():
+  config = models.get_preset("tiny")
+  config.video.num_frames = 5  # 2 latent frames
+  config.model.update(dim=32, num_layers=1, num_heads=2, ffn_dim=64, text_len=16)
+  config.seed = 0
+  return config
+
+
+@pytest.mark.parametrize("t", [0.1, 0.5, 0.9])
+def test_scalar_skip_minimises_the_error_of_rescaling_the_noisy_input(t):
+  rng = np.random.default_rng(0)
+  x0 = rng.choice([-0.9, -0.2, 0.7], size=200_000)  # flat colours, nonzero mean like the sprites latents
+  z_t = (1 - t) * x0 + t * rng.standard_normal(x0.shape)
+  c = x0_probe.scalar_skip(t, float(np.mean(x0**2)))
+  mse = lambda scale: np.mean((scale * z_t - x0) ** 2)
+  assert mse(c) < mse(c * 1.05) and mse(c) < mse(c * 0.95)
+  assert x0_probe.scalar_skip(1.0, 0.3) == 0.0 and x0_probe.scalar_skip(0.0, 0.3) == 1.0
+
+
+def test_squared_errors_split_background_from_sprites():
+  config = small_config()
+  clip = sprites_eval.render_clips([sprites_eval.EVAL_SEED_START], sprites_eval.world_config(config))[0]
+  background = np.all(clip.video == clip.background[:, None, None, :], axis=-1)
+  shift = np.where(clip.background > 127, -10, 10)[:, None, None, :]  # 10 levels, away from the uint8 bounds
+  video = np.where(background[..., None], clip.video.astype(np.int16) + shift, clip.video).astype(np.uint8)
+  errors = x0_probe.SquaredErrors()
+  errors.add(video, clip)
+  psnr = errors.psnr()
+  assert psnr["background"] == pytest.approx(20 * np.log10(255 / 10), abs=1e-6)
+  assert psnr["sprites"] == float("inf")
+  assert psnr["background"] < psnr["all"] < float("inf")
+
+
+def test_probe_on_a_random_model_reports_every_region_and_an_exact_reference():
+  config = small_config()
+  model = inference.random_model(config, seed=1)
+  clips = sprites_eval.render_clips(sprites_eval.eval_seeds(2), sprites_eval.world_config(config))
+  result = x0_probe.probe(model, clips, [0.9, 0.01])
+  assert set(result) == {"0.9", "0.01"}
+  for rows in result.values():
+    assert set(rows) == {"model", "scalar_skip"}
+    for psnr in rows.values():
+      assert set(psnr) == set(x0_probe.REGIONS) and all(np.isfinite(list(psnr.values())))
+  # Nearly clean input: rescaling alone recovers the clip; at t = 0.9 it cannot.
+  assert result["0.01"]["scalar_skip"]["all"] > 35.0
+  assert result["0.9"]["scalar_skip"]["all"] < 20.0
+  assert len(x0_probe.format_table(result).splitlines()) == 1 + len(result)
+
+
+def test_cli_writes_the_table_and_refuses_bad_timesteps(tmp_path):
+  config = small_config()
+  model = inference.random_model(config, seed=2)
+  checkpoint = str(tmp_path / "model")
+  inference.save_model(checkpoint, {"dit": model.dit_params, "text": model.text_params}, config,
+                       {"stage": "teacher", "step": 1, "source": "test"})
+  flags = ["--config", "configs/teacher.py", "--config.video.num_frames=5", "--config.model.dim=32",
+           "--config.model.num_layers=1", "--config.model.num_heads=2", "--config.model.ffn_dim=64",
+           "--checkpoint", checkpoint, "--num_clips", "1"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = tmp_path / "probe.json"
+  done = subprocess.run([sys.executable, "-m", "msjax.eval.x0_probe", *flags, "--timesteps", "0.5",
+                         "--out", str(out)], capture_output=True, text=True, env=env, check=False)
+  assert done.returncode == 0, done.stderr
+  assert set(json.loads(out.read_text())["0.5"]) == {"model", "scalar_skip"}
+  bad = subprocess.run([sys.executable, "-m", "msjax.eval.x0_probe", *flags, "--timesteps", "0,0.5"],
+                       capture_output=True, text=True, env=env, check=False)
+  assert bad.returncode == 2 and "--timesteps must lie in (0, 1]" in bad.stderr and "Traceback" not in bad.stderr
