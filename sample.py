@@ -29,6 +29,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from msjax import io_utils
 from msjax.codecs import CODEC_NAMES
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -60,17 +61,14 @@ _EVAL = flags.DEFINE_bool("eval", False, "EPE of the video against the tracks (b
                           "colours are known).")
 
 PNG_SUFFIX = ".png"
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = io_utils.EXIT_BAD_INPUT
 
 
 class InputError(ValueError):
   """A user input that cannot be used; the message names it, what was expected and what was found."""
 
 
-def _fail(message: str) -> None:
-  one_line = " ".join(line.strip() for line in message.splitlines() if line.strip())
-  print(f"error: {one_line}", file=sys.stderr)
-  sys.exit(EXIT_BAD_INPUT)
+_fail = io_utils.exit_bad_input
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -111,7 +109,6 @@ def _load_image(path: str, height: int, width: int):
 
 def _output_path(out: str) -> str:
   """The output path, checked before any work: a known video suffix, or a folder that is new or empty."""
-  from msjax import io_utils  # pylint: disable=g-import-not-at-top
   if not out:
     out = os.path.join("out", "sample.mp4" if io_utils.mp4_available() else "sample.gif")
   suffix = os.path.splitext(out)[1].lower()
@@ -146,7 +143,6 @@ def _write_png_folder(out: str, frames) -> None:
 
 
 def _write_output(out: str, frames, fps: float) -> None:
-  from msjax import io_utils  # pylint: disable=g-import-not-at-top
   if os.path.splitext(out)[1].lower() in io_utils.VIDEO_SUFFIXES:
     io_utils.write_video(out, frames, fps)
   else:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import sys
 import tempfile
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, NoReturn
 
 import chex
 import imageio.v3 as iio
@@ -18,6 +19,18 @@ import numpy as np
 
 MS_PER_SECOND = 1000.0
 VIDEO_SUFFIXES = (".gif", ".mp4")
+EXIT_BAD_INPUT = 2  # the exit status of every command line tool refusing an input
+
+
+def error_line(message: str) -> str:
+  """`message` as the one `error: ...` line the command line tools print for a bad input."""
+  return "error: " + " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def exit_bad_input(message: str) -> NoReturn:
+  """Prints `error_line(message)` to stderr and exits with `EXIT_BAD_INPUT`: no traceback for a user's mistake."""
+  print(error_line(message), file=sys.stderr)
+  sys.exit(EXIT_BAD_INPUT)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, make_dirs: bool = False) -> None:

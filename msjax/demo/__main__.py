@@ -14,7 +14,9 @@ import signal
 import sys
 from typing import Sequence
 
-EXIT_BAD_INPUT = 2
+from msjax import io_utils
+
+EXIT_BAD_INPUT = io_utils.EXIT_BAD_INPUT
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,8 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> int:
-  one_line = " ".join(line.strip() for line in message.splitlines() if line.strip())
-  print(f"error: {one_line}", file=sys.stderr)
+  print(io_utils.error_line(message), file=sys.stderr)
   return EXIT_BAD_INPUT
 
 

@@ -14,11 +14,11 @@ whether the model follows a point by its ID or only reads where points are.
 from __future__ import annotations
 
 import importlib
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from msjax import io_utils
 from msjax.eval import report, sprites_eval
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/sample.py",
@@ -43,9 +43,7 @@ _DRAW_TRACKS = flags.DEFINE_bool("draw_tracks", True, "Draw moving tracks as dot
 _SCALE = flags.DEFINE_integer("scale", 2, "Integer upscaling of the sample grid.")
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+_fail = io_utils.exit_bad_input
 
 
 def main(argv: list[str]) -> None:

@@ -14,7 +14,6 @@ is already nearly clean, which more steps cannot fix.
 from __future__ import annotations
 
 import json
-import sys
 from typing import Sequence
 
 from absl import app, flags, logging
@@ -123,9 +122,7 @@ _TIMESTEPS = flags.DEFINE_list("timesteps", [f"{t:g}" for t in DEFAULT_TIMESTEPS
 _OUT = flags.DEFINE_string("out", None, "Optional JSON file for the table.")
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+_fail = io_utils.exit_bad_input
 
 
 def main(argv: list[str]) -> None:
