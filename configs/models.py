@@ -71,7 +71,7 @@ def _base() -> ml_collections.ConfigDict:
   c.model.track_input_scale = 1.0
   # Numerics and kernels.
   c.model.dtype = "float32"  # compute dtype of matmuls and attention; params are always float32
-  c.model.attention = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
+  c.model.attention = "xla"  # xla (msjax.models.attention.softmax_attention) | cudnn (jax.nn's cuDNN kernel)
   c.model.remat = False
   c.model.scan_layers = True
   # What the head predicts: 'velocity' (Wan, needed for converted weights) or 'x0', turned into the velocity

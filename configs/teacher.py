@@ -63,7 +63,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.optim.schedule = "cosine" if c.preset == "tiny" else "constant"  # after linear warmup: constant | cosine (to 0 at train.steps)
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 1200 if c.preset == "tiny" else 4800  # tiny: ~75 min on a 2-core CPU
+  c.train.steps = 1200 if c.preset == "tiny" else 4800  # tiny: ~64 min on a 2-core CPU
   c.train.batch_size = 8 if c.preset == "tiny" else 128
   c.train.grad_accum = 1
   c.train.log_every = 50

@@ -155,6 +155,51 @@ def test_attend_valid_keys_equals_truncated_keys_and_kernel_names():
     attention.implementation_for("flash")
 
 
+@pytest.mark.parametrize("masking", ["none", "mask", "valid_keys", "both", "empty_row"])
+def test_xla_kernel_matches_jax_nn_attention_and_its_derivatives(masking):
+  """attend(implementation=None) is our deferred-normalisation kernel: values, reverse- and forward-mode
+  derivatives agree with jax.nn.dot_product_attention's XLA path under every masking the DiT uses."""
+  rng = np.random.default_rng(1)
+  batch, nq, nk, heads, head_dim = 2, 6, 9, 3, 8
+  q = jnp.asarray(rng.standard_normal((batch, nq, heads, head_dim)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((batch, nk, heads, head_dim)), jnp.float32) for _ in range(2))
+  mask = jnp.asarray(rng.random((nq, nk)) < 0.6).at[:, 0].set(True) if masking in ("mask", "both") else None
+  if masking == "empty_row":
+    mask = jnp.ones((nq, nk), bool).at[2].set(False)
+  valid = jnp.int32(5) if masking in ("valid_keys", "both") else None
+
+  def ours(q, k, v):
+    return attention.attend(q, k, v, implementation=None, mask=mask, valid_keys=valid)
+
+  def library(q, k, v):
+    lengths = None if valid is None else jnp.full((batch,), valid)
+    return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[None, None],
+                                        key_value_seq_lengths=lengths)
+
+  got, want = ours(q, k, v), library(q, k, v)
+  chex.assert_shape(got, q.shape)
+  np.testing.assert_allclose(got, want, atol=2e-6)
+  cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+  got_grads = jax.vjp(ours, q, k, v)[1](cotangent)
+  want_grads = jax.vjp(library, q, k, v)[1](cotangent)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, atol=2e-5)
+  tangents = tuple(jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in (q, k, v))
+  np.testing.assert_allclose(jax.jvp(ours, (q, k, v), tangents)[1], jax.jvp(library, (q, k, v), tangents)[1],
+                             atol=2e-5)
+  if masking == "valid_keys":  # keys past the prefix get no gradient
+    assert float(jnp.abs(got_grads[1][:, 5:]).max()) == 0.0
+
+
+def test_xla_kernel_in_bfloat16_keeps_float32_softmax():
+  rng = np.random.default_rng(2)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, 7, 2, 16)), jnp.bfloat16) for _ in range(3))
+  got = attention.attend(q, k, v, implementation=None)
+  assert got.dtype == jnp.bfloat16
+  exact = jax.nn.dot_product_attention(*(x.astype(jnp.float32) for x in (q, k, v)))
+  np.testing.assert_allclose(np.asarray(got, np.float32), exact, atol=3e-2)
+
+
 def test_track_head_is_chunkwise():
   """A chunk's track features depend only on its own pixel frames, and the first pixel frame stands alone."""
   config, _, _, latents, cond = dit_fixtures.small_setup()

@@ -1,6 +1,7 @@
 """Teacher stage: the objective (with a stand-in model), text handling, and `python train.py` end to end."""
 
 import glob
+import json
 import os
 import re
 import subprocess
@@ -13,6 +14,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import teacher as teacher_config
+from msjax.bench import stream as stream_bench
 from msjax.convert import common as convert_common
 from msjax.diffusion import flow
 from msjax.models import text as text_lib
@@ -175,6 +178,36 @@ def test_train_py_runs_the_teacher_end_to_end(tmp_path):
       assert re.search(rf"eval/{name}{suffix}=[0-9]", output), (name, suffix, output[-3000:])
   assert os.path.isdir(tmp_path / "run" / loop.CHECKPOINT_SUBDIR / "2")
   assert glob.glob(str(tmp_path / "run" / loop.TENSORBOARD_SUBDIR / "events.out.tfevents.*"))
+
+
+def test_train_step_benchmark_times_the_stages_step(tmp_path):
+  """`python -m msjax.bench.train_step` builds the stage train.py builds and reports what it timed."""
+  args = [sys.executable, "-m", "msjax.bench.train_step", f"--config={REPO}/configs/teacher.py", "--steps=2",
+          f"--json={tmp_path / 'step.json'}", "--config.data.dataset=sprites_rendered"]
+  args += [f"--config.{key}={value}" for key, value in MICRO_OVERRIDES.items()]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "teacher step, batch 2 x 9 frames" in result.stdout and "GFLOP/s" in result.stdout
+  report = json.loads((tmp_path / "step.json").read_text())
+  assert report["steps"] == 2 and report["batch_size"] == 2
+  assert 0 < report["step_ms_min"] <= report["step_ms_mean"] <= report["step_ms_max"]
+  assert report["clips_per_s"] == pytest.approx(2 / (report["step_ms_mean"] / 1000))
+  assert np.isfinite(report["loss_first"]) and np.isfinite(report["loss_last"])
+  # 3 x batch x one full-clip forward: 3 latent frames of 16 / 2 = 8 x 8 cells, patch 2 x 2 -> 48 tokens
+  config = teacher_config.get_config("tiny")
+  for key, value in MICRO_OVERRIDES.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  forward = stream_bench.dit_flops(config, 3, 3)
+  assert report["gflop_per_step"] == pytest.approx(3 * 2 * forward / 1e9)
+  linear_only = 2 * 48 * (6 * 32 * 32 + 2 * 32 * 64)  # one layer's linear layers over 48 tokens
+  assert forward > linear_only + 4 * 48 * 48 * 32
+  wrong_stage = subprocess.run(args[:3] + [f"--config={REPO}/configs/distill.py"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=120)
+  assert wrong_stage.returncode == 2 and wrong_stage.stderr.strip().startswith("error:")
+  assert "Traceback" not in wrong_stage.stderr
 
 
 def test_unknown_stage_and_missing_config_fail_cleanly(tmp_path):

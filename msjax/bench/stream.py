@@ -49,24 +49,31 @@ def flops_per_chunk(config) -> float:
 
 
 def flops_per_pass(config) -> float:
-  """FLOPs of one DiT pass over a chunk against a full cache (a `denoise` or a `commit`).
+  """FLOPs of one DiT pass over a chunk against a full cache (a `denoise` or a `commit`): `dit_flops` with the
+  chunk's latent frames as queries and S + W + 1 chunks of keys (cached K/V are not recomputed). For Wan 2.1
+  1.3B at 480p, c3s1w1 this is 24.3 TFLOP, so 4 x 24.3 = 97 TFLOP per 3-step chunk (../shared/reference/wan.md
+  section 6)."""
+  s = config.stream
+  return dit_flops(config, s.chunk_frames, s.chunk_frames * (s.sink_chunks + s.window_chunks + 1))
 
-  A matmul [m, k] x [k, n] is 2mkn FLOPs. With D = model.dim, F = ffn_dim, L = layers, Nq = tokens per chunk
-  (the chunk's own tokens: cached K/V are not recomputed), Nk = Nq (S + W + 1) keys once the cache is full,
-  T = text_len, per pass:
-    linear layers  2 Nq L (4D^2 + 2D^2 + 2DF)   self q,k,v,o; cross q,o (text K/V are cached); the FFN
+
+def dit_flops(config, query_frames: int, key_frames: int) -> float:
+  """FLOPs of one DiT forward whose queries are `query_frames` latent frames attending over `key_frames`.
+
+  A matmul [m, k] x [k, n] is 2mkn FLOPs. With D = model.dim, F = ffn_dim, L = layers, Nq / Nk the query / key
+  tokens, T = text_len:
+    linear layers  2 Nq L (4D^2 + 2D^2 + 2DF)   self q,k,v,o; cross q,o (text K/V are computed once); the FFN
     self-attention 4 Nq Nk D L                  QK^T and AV, 2 Nq Nk D each
     cross-attention 4 Nq T D L                  (plus 4 Nq I D L over I CLIP tokens when enabled)
     patch embed    2 Nq (in_channels * patch volume) D, head 2 Nq D (out_channels * patch volume)
-    track head     2 cells (sd)^2 + 2 cells sd tc, cells = latent cells of the chunk, sd = stride x embed_dim
-  Norms, modulation, RoPE and the time embedding are elementwise or per-frame and left out. For Wan 2.1 1.3B
-  at 480p, c3s1w1 this is 24.3 TFLOP, so 4 x 24.3 = 97 TFLOP per 3-step chunk (../shared/reference/wan.md
-  section 6).
+    track head     2 cells (sd)^2 + 2 cells sd tc, cells = latent cells of the query frames, sd = stride x embed_dim
+  Norms, modulation, RoPE and the time embedding are elementwise or per-frame and left out.
   """
   geo = config_utils.geometry(config)
-  m, s = config.model, config.stream
-  d, layers, nq = m.dim, m.num_layers, geo.tokens_per_chunk
-  nk = nq * (s.sink_chunks + s.window_chunks + 1)
+  m = config.model
+  d, layers = m.dim, m.num_layers
+  tokens_per_latent_frame = geo.tokens_per_frame // m.patch_size[0]
+  nq, nk = query_frames * tokens_per_latent_frame, key_frames * tokens_per_latent_frame
   patch_volume = int(np.prod(m.patch_size))
   linear = 2 * nq * layers * (6 * d * d + 2 * d * m.ffn_dim)
   attention = 4 * nq * nk * d * layers + 4 * nq * m.text_len * d * layers
@@ -75,7 +82,7 @@ def flops_per_pass(config) -> float:
   embed = 2 * nq * geo.in_channels * patch_volume * d + 2 * nq * d * geo.out_channels * patch_volume
   track = 0
   if m.track_channels:
-    cells = s.chunk_frames * geo.latent_height * geo.latent_width
+    cells = query_frames * geo.latent_height * geo.latent_width
     packed = config.codec.temporal_stride * config.tracks.embed_dim
     track = 2 * cells * packed * packed + 2 * cells * packed * m.track_channels
   return float(linear + attention + embed + track)

@@ -2,7 +2,7 @@
 
   dit.py          WanDiT (teacher, critic and student), DiTSpec
   track_head.py   Conditioning, the track head, image-conditioning channels
-  attention.py    attention through jax.nn.dot_product_attention, block-causal masks, the cached path
+  attention.py    attention kernels (XLA softmax attention, cuDNN), block-causal masks, the cached path
   rope.py         Wan's 3-axis RoPE and the cache-position rule
   kv_cache.py     CacheState and the pure init_cache / denoise / commit functions
 """

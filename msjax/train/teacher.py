@@ -11,7 +11,8 @@ Parameter tree of the stage (what checkpoints hold under `state.params` / `state
   (`learned`). Frozen encoders (`minilm`, `precomputed`) run on the host side of the batch and their output
   arrives in the batch as `context`.
 
-`train(config)` builds the model, data, sharded state and jitted step and hands them to the shared loop.
+`train(config)` builds the model, data, sharded state and jitted step (`build_stage`) and hands them to the
+shared loop.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import chex
 from flax import traverse_util
@@ -409,9 +410,22 @@ def check_batch_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
                      f"({train.grad_accum}) x devices ({mesh.size}) so every micro-batch splits evenly")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> state_lib.TrainState:
-  """Trains the teacher for `config.train.steps` steps in `workdir` (default `config.workdir`), resuming."""
-  workdir = workdir or config.workdir
+class TeacherStage(NamedTuple):
+  """What `train` and the training-step benchmark (`msjax.bench.train_step`) both run: the sharded state's
+  shapes and a maker for a fresh one, the jitted step (null text context bound) and the batch preparer."""
+  mesh: jax.sharding.Mesh
+  model: dit.WanDiT
+  text_encoder: text_lib.TextEncoder
+  frozen_text_params: Any
+  codec: codecs.Codec
+  abstract_state: state_lib.TrainState
+  fresh_state: Callable[[], state_lib.TrainState]
+  train_step: Callable[[state_lib.TrainState, dict[str, jax.Array]], tuple[state_lib.TrainState, Any]]
+  preparer: BatchPreparer
+
+
+def build_stage(config: ml_collections.ConfigDict) -> TeacherStage:
+  """Model, optimizer, sharded state (fresh or from `config.init_checkpoint`) and the jitted step."""
   mesh = sharding.make_mesh(config.mesh)
   check_batch_config(config, mesh)
   objective = TeacherObjective.from_config(config)
@@ -445,19 +459,32 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> stat
   null_context = None
   if not text_encoder.trainable:
     null_context = jax.device_put(text_encoder.null_context(frozen_text_params)[0], sharding.replicated(mesh))
-
   codec = codecs.make_codec(config)
-  local_batch = config.train.batch_size // jax.process_count()
-  iterator = pipeline.make_train_pipeline(config, data_source=make_data_source(config, "train"), codec=codec,
-                                          seed=config.seed, batch_size=local_batch,
-                                          worker_count=config.data.worker_count)
-  preparer = BatchPreparer(mesh, text_encoder, frozen_text_params, config, codec)
+  return TeacherStage(mesh=mesh, model=model, text_encoder=text_encoder, frozen_text_params=frozen_text_params,
+                      codec=codec, abstract_state=abstract, fresh_state=fresh_state,
+                      train_step=lambda s, b: jitted(s, b, null_context),
+                      preparer=BatchPreparer(mesh, text_encoder, frozen_text_params, config, codec))
+
+
+def train_iterator(config: ml_collections.ConfigDict, codec: codecs.Codec) -> Any:
+  """The grain iterator over this host's share of the training batches."""
+  return pipeline.make_train_pipeline(config, data_source=make_data_source(config, "train"), codec=codec,
+                                      seed=config.seed, batch_size=config.train.batch_size // jax.process_count(),
+                                      worker_count=config.data.worker_count)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> state_lib.TrainState:
+  """Trains the teacher for `config.train.steps` steps in `workdir` (default `config.workdir`), resuming."""
+  workdir = workdir or config.workdir
+  stage = build_stage(config)
+  iterator = train_iterator(config, stage.codec)
   eval_hook = None
   if config.train.eval_every > 0:
     validation = make_data_source(config, "validation", fallback_split="train")
     validation_batch = next(pipeline.make_train_pipeline(
-        config, data_source=validation, codec=codec, seed=config.seed,
+        config, data_source=validation, codec=stage.codec, seed=config.seed,
         batch_size=min(int(config.eval.batch_size), len(validation))))
-    eval_hook = TeacherEval(config, workdir, model, text_encoder, frozen_text_params, preparer, validation_batch)
-  return loop.train_loop(config, workdir, fresh_state, abstract, lambda s, b: jitted(s, b, null_context),
-                         iterator, preparer, eval_hook)
+    eval_hook = TeacherEval(config, workdir, stage.model, stage.text_encoder, stage.frozen_text_params,
+                            stage.preparer, validation_batch)
+  return loop.train_loop(config, workdir, stage.fresh_state, stage.abstract_state, stage.train_step, iterator,
+                         stage.preparer, eval_hook)
