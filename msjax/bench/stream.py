@@ -72,8 +72,9 @@ def dit_flops(config, query_frames: int, key_frames: int) -> float:
   geo = config_utils.geometry(config)
   m = config.model
   d, layers = m.dim, m.num_layers
-  tokens_per_latent_frame = geo.tokens_per_frame // m.patch_size[0]
-  nq, nk = query_frames * tokens_per_latent_frame, key_frames * tokens_per_latent_frame
+  temporal_patch = m.patch_size[0]
+  nq = query_frames * geo.tokens_per_frame // temporal_patch
+  nk = key_frames * geo.tokens_per_frame // temporal_patch
   patch_volume = int(np.prod(m.patch_size))
   linear = 2 * nq * layers * (6 * d * d + 2 * d * m.ffn_dim)
   attention = 4 * nq * nk * d * layers + 4 * nq * m.text_len * d * layers

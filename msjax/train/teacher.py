@@ -413,7 +413,6 @@ def check_batch_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
 class TeacherStage(NamedTuple):
   """What `train` and the training-step benchmark (`msjax.bench.train_step`) both run: the sharded state's
   shapes and a maker for a fresh one, the jitted step (null text context bound) and the batch preparer."""
-  mesh: jax.sharding.Mesh
   model: dit.WanDiT
   text_encoder: text_lib.TextEncoder
   frozen_text_params: Any
@@ -460,7 +459,7 @@ def build_stage(config: ml_collections.ConfigDict) -> TeacherStage:
   if not text_encoder.trainable:
     null_context = jax.device_put(text_encoder.null_context(frozen_text_params)[0], sharding.replicated(mesh))
   codec = codecs.make_codec(config)
-  return TeacherStage(mesh=mesh, model=model, text_encoder=text_encoder, frozen_text_params=frozen_text_params,
+  return TeacherStage(model=model, text_encoder=text_encoder, frozen_text_params=frozen_text_params,
                       codec=codec, abstract_state=abstract, fresh_state=fresh_state,
                       train_step=lambda s, b: jitted(s, b, null_context),
                       preparer=BatchPreparer(mesh, text_encoder, frozen_text_params, config, codec))
