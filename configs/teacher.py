@@ -12,9 +12,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.stage = "teacher"
   c.seed = 0
   c.workdir = f"runs/teacher_{c.preset}"
-  # DiT params to start from: converted Wan weights (python -m msjax.convert wan ...) or a tile run that taught the
-  # toy teacher to read track IDs (python -m msjax.bench.id_routing --save_params; README "Reading track IDs").
-  # "" = random init.
+  # DiT params to start from: converted Wan weights (python -m msjax.convert wan ...), a tile run that taught the
+  # toy teacher to read track IDs (python -m msjax.bench.id_routing --save_params; README "Reading track IDs"), or
+  # another run's EMA params (its workdir or exported folder), to go on under a new schedule. "" = random init.
   c.init_checkpoint = ""
 
   c.data = ml_collections.ConfigDict()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from configs import teacher as teacher_config
+from msjax import inference
 from msjax.bench import stream as stream_bench
 from msjax.convert import common as convert_common
 from msjax.diffusion import flow
@@ -178,6 +179,19 @@ def test_train_py_runs_the_teacher_end_to_end(tmp_path):
       assert re.search(rf"eval/{name}{suffix}=[0-9]", output), (name, suffix, output[-3000:])
   assert os.path.isdir(tmp_path / "run" / loop.CHECKPOINT_SUBDIR / "2")
   assert glob.glob(str(tmp_path / "run" / loop.TENSORBOARD_SUBDIR / "events.out.tfevents.*"))
+  # Another run's init_checkpoint can name this workdir or its export: both give its EMA DiT params.
+  workdir, exported = str(tmp_path / "run"), str(tmp_path / "exported")
+  inference.export_model(workdir, exported)
+  ema_dit = inference.read_checkpoint(workdir)[0][teacher.DIT_PARAMS]
+  blank = jax.tree.map(np.zeros_like, ema_dit)
+  for source in (workdir, exported):
+    loaded = teacher.load_dit_checkpoint(source, blank)
+    assert jax.tree.structure(loaded) == jax.tree.structure(ema_dit)
+    jax.tree.map(np.testing.assert_array_equal, loaded, ema_dit)
+  assert any(float(np.abs(leaf).max()) > 0 for leaf in jax.tree.leaves(ema_dit))
+  wider = dict(blank, patch_embedding=dict(blank["patch_embedding"], bias=np.zeros((1000,), np.float32)))
+  with pytest.raises(ValueError, match=r"patch_embedding/bias: expected \[1000\]"):
+    teacher.load_dit_checkpoint(workdir, wider)
 
 
 def test_train_step_benchmark_times_the_stages_step(tmp_path):

@@ -224,9 +224,14 @@ def init_params(config: ml_collections.ConfigDict, model: dit.WanDiT, text_encod
 
 
 def load_dit_checkpoint(path: str, expected: Any) -> Any:
-  """Converted DiT params (`python -m msjax.convert wan ...`), checked leaf by leaf against `expected`."""
+  """DiT params checked leaf by leaf against `expected`, from converted weights (`python -m msjax.convert wan
+  ...`), a tile run's `--save_params`, or the EMA params of any run (training workdir or exported model), so a
+  run can continue from another under a new schedule."""
   from msjax.convert import common  # pylint: disable=g-import-not-at-top
-  loaded = traverse_util.flatten_dict(dict(common.load_params(path)), sep="/")
+  is_run = (os.path.isfile(os.path.join(path, inference.CONFIG_FILE))
+            or os.path.isdir(os.path.join(path, loop.CHECKPOINT_SUBDIR)))
+  found = inference.read_checkpoint(path)[0][DIT_PARAMS] if is_run else common.load_params(path)
+  loaded = traverse_util.flatten_dict(dict(found), sep="/")
   wanted = traverse_util.flatten_dict(dict(expected), sep="/")
   problems = [f"{name}: expected {list(wanted[name].shape)}, found "
               f"{list(np.shape(loaded[name])) if name in loaded else 'nothing'}"
