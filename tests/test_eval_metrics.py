@@ -307,3 +307,27 @@ def test_generator_registry():
     sprites_eval.GeneratorContext(config=models.tiny(), checkpoint="", world=WORLD, seeds=(1,), track_condition="x")
   with pytest.raises(ValueError, match="already registered"):
     sprites_eval.register_generator("first_frame", lambda c: None)
+
+
+def test_scores_leave_out_the_given_first_frame():
+  """Frame 0 is the input: a generator differing from the repeated-frame baseline only there scores the same,
+  while the per-frame curve still shows the baseline's exact copy at the PSNR ceiling."""
+  config = models.tiny()
+  seeds = sprites_eval.eval_seeds(3)
+
+  def blank_first(first_frame, prompt, tracks, num_frames):
+    video = sprites_eval.first_frame_generator(first_frame, prompt, tracks, num_frames).copy()
+    video[0] = 0
+    return video
+
+  results = sprites_eval.evaluate(blank_first, seeds=seeds, config=config)["results"]
+  blanked, baseline = results[sprites_eval.GENERATOR], results[sprites_eval.FIRST_FRAME]
+  for ours, theirs in zip(blanked["clips"], baseline["clips"]):
+    for name in ("epe", "epe_track", "epe_frames", "epe_missed_fraction", "psnr", "ssim"):
+      assert ours["metrics"][name] == theirs["metrics"][name], name
+  world = sprites_eval.world_config(config)
+  ceiling = metrics.psnr_ceiling((world.height, world.width, 3))
+  curve = np.asarray(baseline["per_frame"]["psnr"])
+  assert curve[0] == pytest.approx(ceiling) and blanked["per_frame"]["psnr"][0] < 20
+  assert baseline["aggregate"]["psnr"]["mean"] == pytest.approx(curve[1:].mean())
+  assert baseline["aggregate"]["psnr"]["mean"] < curve.mean() - 1.0
