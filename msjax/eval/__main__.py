@@ -69,7 +69,8 @@ def main(argv: list[str]) -> None:
   except ValueError as e:  # bad seeds, frame count or generator name
     _fail(str(e))
   print(f"evaluating {_GENERATOR.value!r} on {len(seeds)} clips (seeds {seeds[0]}..{seeds[-1]}, "
-        f"{world.num_frames} frames of {world.height}x{world.width})")
+        f"{world.num_frames} frames of {world.height}x{world.width}, scored from frame "
+        f"{sprites_eval.FIRST_SCORED_FRAME})")
   try:
     result = sprites_eval.evaluate(generate_fn, seeds=seeds, config=config, baselines=_BASELINES.value,
                                    num_frames=world.num_frames, num_samples=_NUM_SAMPLES.value, progress=True)

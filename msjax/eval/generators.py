@@ -16,7 +16,6 @@ from __future__ import annotations
 import zlib
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 

@@ -7,9 +7,9 @@ A generator is a plain callable, so teachers, students and baselines are scored 
 
 `tracks` holds the clip's full first-frame grid (`Tracks.points` [T, N, 2], `Tracks.visible` [T, N]), the
 reconstruction protocol's "ground-truth tracks as input". Scores cover the frames after the given first frame
-(`FIRST_SCORED_FRAME`). Held-out seeds: training clips use seeds below
-`TRAIN_SEED_END` (validation clips follow them), evaluation defaults to seeds from `EVAL_SEED_START` on, and
-seeds below `TRAIN_SEED_END` are refused so a training clip is never scored.
+(`FIRST_SCORED_FRAME`). Held-out seeds: training clips use seeds below `TRAIN_SEED_END` (validation clips follow
+them), evaluation defaults to seeds from `EVAL_SEED_START` on, and seeds below `TRAIN_SEED_END` are refused so a
+training clip is never scored.
 
 Model code plugs into the CLI through `register_generator(name, factory)`: the factory receives a
 `GeneratorContext` (config, checkpoint, world, seeds) and returns a generate_fn.
@@ -340,10 +340,10 @@ def evaluate(generate_fn: GenerateFn, *, seeds: Sequence[int], config: ml_collec
 
   Returns {"world": sizes and detection settings, "seeds", "results": {name: {"clips": per-clip records,
   "aggregate": {metric: {mean, median, std, count}}, "by_num_sprites": {"1": {"clips": n, metric: {...}}, ...},
-  "per_frame": mean drift curves over every frame, frame 0 included}}, "samples": `Sample`s of the first `num_samples` clips}; names are
-  "generator", "first_frame", "true_video". Everything but "samples" (arrays, left out by `report.write_json`)
-  is plain JSON data. NaN marks a metric that does not apply (effect adherence of a clip without an effect) or
-  could not be measured (EPE when the sprite was never found).
+  "per_frame": mean drift curves over every frame, frame 0 included}}, "samples": `Sample`s of the first
+  `num_samples` clips}; names are "generator", "first_frame", "true_video". Everything but "samples" (arrays,
+  left out by `report.write_json`) is plain JSON data. NaN marks a metric that does not apply (effect adherence of
+  a clip without an effect) or could not be measured (EPE when the sprite was never found).
   """
   seeds = check_seeds(seeds)
   world = world_config(config, num_frames)
