@@ -133,11 +133,20 @@ def _read_training_workdir(path: str) -> tuple[Params, dict[str, Any], dict[str,
   return state["ema_params"], saved_config, info
 
 
+def is_exported_model(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def is_training_workdir(path: str) -> bool:
+  from msjax.train import loop  # pylint: disable=g-import-not-at-top
+  return os.path.isdir(os.path.join(path, loop.CHECKPOINT_SUBDIR))
+
+
 def read_checkpoint(path: str) -> tuple[Params, dict[str, Any], dict[str, Any]]:
   """(params {'dit', maybe 'text'}, the config it was trained with, {'stage', 'step', 'source'}) from `path`."""
   if not os.path.isdir(path):
     raise ModelError(f"{path}: no such checkpoint folder (expected an exported model or a training workdir)")
-  if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+  if is_exported_model(path):
     try:
       with open(os.path.join(path, CONFIG_FILE)) as f:
         saved_config = json.load(f)
@@ -147,7 +156,7 @@ def read_checkpoint(path: str) -> tuple[Params, dict[str, Any], dict[str, Any]]:
     except (OSError, ValueError) as e:
       raise ModelError(f"{path}: an exported model folder that cannot be read ({e})") from e
     return params, saved_config, info
-  if os.path.isdir(os.path.join(path, "checkpoints")):
+  if is_training_workdir(path):
     return _read_training_workdir(path)
   raise ModelError(f"{path}: neither an exported model ({CONFIG_FILE} + {PARAMS_SUBDIR}/) nor a training workdir "
                    "(checkpoints/)")

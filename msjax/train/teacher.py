@@ -228,8 +228,7 @@ def load_dit_checkpoint(path: str, expected: Any) -> Any:
   ...`), a tile run's `--save_params`, or the EMA params of any run (training workdir or exported model), so a
   run can continue from another under a new schedule."""
   from msjax.convert import common  # pylint: disable=g-import-not-at-top
-  is_run = (os.path.isfile(os.path.join(path, inference.CONFIG_FILE))
-            or os.path.isdir(os.path.join(path, loop.CHECKPOINT_SUBDIR)))
+  is_run = inference.is_exported_model(path) or inference.is_training_workdir(path)
   found = inference.read_checkpoint(path)[0][DIT_PARAMS] if is_run else common.load_params(path)
   loaded = traverse_util.flatten_dict(dict(found), sep="/")
   wanted = traverse_util.flatten_dict(dict(expected), sep="/")
