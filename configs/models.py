@@ -92,6 +92,8 @@ def _base() -> ml_collections.ConfigDict:
   # among the 4 cells around it by bilinear weights, so the grid also says where inside a cell the point is.
   # Nearest quantises positions to the spatial stride; in the toy world (4 px cells, grid points one per cell,
   # so a sprite's points all cross cells together) that alone costs ~1.6 px of per-frame position error.
+  # nearest_offset: nearest's grid plus two channels per cell holding the point's offset from the cell centre,
+  # read by a zero-initialised extra input of the track head (so a nearest model can go on as one).
   c.tracks.splat = "nearest"
 
   # Text encoder that produces the DiT context.

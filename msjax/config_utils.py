@@ -12,7 +12,19 @@ class ConfigError(ValueError):
 
 
 # How a track point is written into the latent grid (config.tracks.splat; msjax.data.tracks.rasterize).
-TRACK_SPLATS = ("nearest", "bilinear")
+TRACK_SPLATS = ("nearest", "bilinear", "nearest_offset")
+# nearest_offset adds this many channels after the ID embedding: the point's (x, y) offset from its cell's centre.
+TRACK_OFFSET_CHANNELS = 2
+
+
+def track_offset_channels(splat: str) -> int:
+  """Channels a splat mode appends to the ID embedding in each grid cell (0 or TRACK_OFFSET_CHANNELS)."""
+  return TRACK_OFFSET_CHANNELS if splat == "nearest_offset" else 0
+
+
+def track_grid_channels(config: ml_collections.ConfigDict) -> int:
+  """Channels of a rasterised track grid cell: the ID embedding, plus the offset channels of nearest_offset."""
+  return config.tracks.embed_dim + track_offset_channels(config.tracks.splat)
 
 
 def latent_frames(num_frames: int, temporal_stride: int) -> int:

@@ -248,7 +248,7 @@ def encode_prompt(model: Model, prompts: Sequence[str]) -> tuple[jax.Array, jax.
 
 def track_grid(tracks: tracks_lib.Tracks, config: ml_collections.ConfigDict, *, seed: int,
                shuffle_later_ids: bool = False) -> np.ndarray:
-  """[T, h, w, embed_dim] rasterised tracks with random distinct IDs drawn from `seed` (as in training).
+  """[T, h, w, grid channels] rasterised tracks with random distinct IDs drawn from `seed` (as in training).
 
   `shuffle_later_ids`: the ablation of `tracks_lib.shuffle_later_ids`, one random order per call.
   """
@@ -261,7 +261,8 @@ def track_grid(tracks: tracks_lib.Tracks, config: ml_collections.ConfigDict, *, 
     points, visible = tracks_lib.shuffle_later_ids(points, visible, rng.permutation(tracks.num_tracks))
   grid = tracks_lib.rasterize(points, visible, embeddings, height=geo.height, width=geo.width,
                               stride=config.codec.spatial_stride, splat=config.tracks.splat)
-  chex.assert_shape(grid, (tracks.num_frames, geo.latent_height, geo.latent_width, config.tracks.embed_dim))
+  chex.assert_shape(grid, (tracks.num_frames, geo.latent_height, geo.latent_width,
+                           config_utils.track_grid_channels(config)))
   return grid
 
 

@@ -36,7 +36,7 @@ def random_inputs(config: ml_collections.ConfigDict, key: jax.Array, batch: int 
   """Clean latents [B, F, h, w, C] for the whole clip and a Conditioning with text, first frame and tracks."""
   geo = config_utils.geometry(config)
   latent_shape = (batch, geo.latent_frames, geo.latent_height, geo.latent_width, geo.latent_channels)
-  grid_shape = (batch, geo.num_frames, geo.latent_height, geo.latent_width, config.tracks.embed_dim)
+  grid_shape = (batch, geo.num_frames, geo.latent_height, geo.latent_width, config_utils.track_grid_channels(config))
   context_shape = (batch, config.model.text_len, config.model.text_dim)
 
   @jax.jit

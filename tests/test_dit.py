@@ -236,6 +236,36 @@ def test_track_input_scale_is_a_factor_on_the_grid():
     dit.DiTSpec.from_config(config)
 
 
+def test_nearest_offset_head_starts_as_the_nearest_head_and_learns_the_offsets():
+  """tracks.splat nearest_offset adds one zero-initialised input (offset_in): a nearest head's params with it
+  compute what they computed without the offsets, and the gradient reaches it."""
+  config, _, _, latents, cond = dit_fixtures.small_setup()
+  dims = (config.tracks.embed_dim, config.codec.temporal_stride, config.model.track_channels)
+  nearest = track_head.TrackHead(*dims, input_scale=4.0)
+  with_offsets = track_head.TrackHead(*dims, input_scale=4.0, offset_channels=config_utils.TRACK_OFFSET_CHANNELS)
+  offsets = jax.random.uniform(jax.random.key(2), cond.track_grid.shape[:-1] + (config_utils.TRACK_OFFSET_CHANNELS,),
+                               minval=-1.0, maxval=1.0)
+  grid = jnp.concatenate([cond.track_grid, offsets], axis=-1)
+  params = nearest.init(jax.random.key(5), cond.track_grid)["params"]
+  fresh = with_offsets.init(jax.random.key(6), grid)["params"]
+  assert set(fresh) - set(params) == {track_head.OFFSET_INPUT}
+  assert not np.asarray(fresh[track_head.OFFSET_INPUT]["kernel"]).any()
+  grown = dict(params, **{track_head.OFFSET_INPUT: fresh[track_head.OFFSET_INPUT]})
+  np.testing.assert_allclose(with_offsets.apply({"params": grown}, grid), nearest.apply({"params": params},
+                                                                                        cond.track_grid), atol=1e-6)
+  grads = jax.grad(lambda p: jnp.sum(with_offsets.apply({"params": p}, grid) ** 2))(grown)
+  assert float(jnp.abs(grads[track_head.OFFSET_INPUT]["kernel"]).max()) > 1e-3
+  moved = dict(grown, **{track_head.OFFSET_INPUT: jax.tree.map(lambda g: -g, grads[track_head.OFFSET_INPUT])})
+  change = with_offsets.apply({"params": moved}, grid) - with_offsets.apply({"params": grown}, grid)
+  assert float(jnp.abs(change).max()) > 1e-3
+  with pytest.raises(AssertionError):  # a grid without the offset channels is refused
+    with_offsets.apply({"params": grown}, cond.track_grid)
+  config.tracks.splat = "nearest_offset"
+  assert dit.DiTSpec.from_config(config).track_offset_channels == config_utils.TRACK_OFFSET_CHANNELS
+  example_grid = dit.example_inputs(config, 1)[2].track_grid
+  assert example_grid.shape[-1] == config.tracks.embed_dim + config_utils.TRACK_OFFSET_CHANNELS
+
+
 def test_image_condition_channels():
   b, f, h, w, c, m = 2, 3, 4, 4, 5, 4
   first = jnp.arange(b * h * w * c, dtype=jnp.float32).reshape(b, h, w, c) + 1.0

@@ -40,8 +40,11 @@ def _config():
 
 @functools.lru_cache(maxsize=None)
 def _shared_model() -> inference.Model:
+  return _random_model(_config())
+
+
+def _random_model(config) -> inference.Model:
   """Random weights drawn directly at the traced shapes (every output depends on every layer and the cache)."""
-  config = _config()
   shapes = jax.eval_shape(lambda: inference.init_dit_params(config, jax.random.key(0)))
   leaves, treedef = jax.tree.flatten(shapes)
   rng = np.random.default_rng(0)
@@ -251,6 +254,22 @@ def test_stream_yields_exactly_num_frames(num_frames):
   assert all(chunk.tracks.num_frames == chunk.frames.shape[0] for chunk in chunks)
   frames = list(sampler_lib.stream(sampler.model, _first_frame(config), PROMPT, tracks, num_frames, sampler=sampler))
   assert len(frames) == num_frames and frames[0].dtype == np.uint8
+
+
+@pytest.mark.parametrize("splat", ["nearest", "nearest_offset"])
+def test_only_a_nearest_offset_stream_sees_where_points_sit_inside_their_cells(splat):
+  config = _config()
+  config.tracks.splat = splat
+  sampler = sampler_lib.StreamSampler(_random_model(config))
+  tracks = _random_tracks(config, 13)
+  stride = config.codec.spatial_stride
+  inside = np.random.default_rng(3).uniform(0.05, 0.95, tracks.points.shape)
+  moved = tracks_lib.Tracks(points=((tracks.points // stride + inside) * stride).astype(np.float32),
+                            visible=tracks.visible)
+  assert not np.allclose(moved.points, tracks.points, atol=0.1)
+  videos = [np.stack(list(sampler_lib.stream(sampler.model, _first_frame(config), PROMPT, t, 13, sampler=sampler)))
+            for t in (tracks, moved)]
+  assert np.array_equal(videos[0], videos[1]) == (splat == "nearest")
 
 
 def test_a_live_source_drives_the_stream_until_it_ends():

@@ -20,6 +20,7 @@ from msjax.bench import stream as stream_bench
 from msjax.convert import common as convert_common
 from msjax.diffusion import flow
 from msjax.models import text as text_lib
+from msjax.models import track_head
 from msjax.models.track_head import Conditioning
 from msjax.train import loop
 from msjax.train import teacher
@@ -145,6 +146,21 @@ def test_converted_checkpoint_with_wrong_shapes_is_refused(tmp_path):
   convert_common.save_params(good, tmp_path / "good")
   loaded = teacher.load_dit_checkpoint(str(tmp_path / "good"), expected)
   np.testing.assert_array_equal(loaded["patch_embedding"]["kernel"], good["patch_embedding"]["kernel"])
+
+
+def test_a_nearest_checkpoint_loads_into_a_nearest_offset_model(tmp_path, capsys):
+  """The zero-initialised offset input is the one parameter a source may lack; it stays at zero, said aloud."""
+  offset_in = {"kernel": np.zeros((8, 4), np.float32)}
+  expected = {"track_head": {"fc1": {"kernel": np.zeros((4, 4), np.float32)}, track_head.OFFSET_INPUT: offset_in}}
+  saved = {"track_head": {"fc1": {"kernel": np.full((4, 4), 2.0, np.float32)}}}
+  convert_common.save_params(saved, tmp_path / "nearest")
+  loaded = teacher.load_dit_checkpoint(str(tmp_path / "nearest"), expected)
+  np.testing.assert_array_equal(loaded["track_head"]["fc1"]["kernel"], saved["track_head"]["fc1"]["kernel"])
+  np.testing.assert_array_equal(loaded["track_head"][track_head.OFFSET_INPUT]["kernel"], offset_in["kernel"])
+  assert f"track_head/{track_head.OFFSET_INPUT}/kernel; starting it at zero" in capsys.readouterr().out
+  nonzero = {"track_head": dict(expected["track_head"], **{track_head.OFFSET_INPUT: {"kernel": np.ones((8, 4))}})}
+  with pytest.raises(ValueError, match=rf"{track_head.OFFSET_INPUT}/kernel: expected \[8, 4\], found nothing"):
+    teacher.load_dit_checkpoint(str(tmp_path / "nearest"), nonzero)
 
 
 MICRO_OVERRIDES = {

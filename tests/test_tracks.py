@@ -282,7 +282,7 @@ def test_rasterize_sums_collisions_and_ignores_order():
   np.testing.assert_allclose(_raster(points[:, order], visible[:, order], embeddings[order]), grid, atol=1e-6)
 
 
-@pytest.mark.parametrize("splat", ["nearest", "bilinear"])
+@pytest.mark.parametrize("splat", config_utils.TRACK_SPLATS)
 def test_rasterize_drops_points_outside_the_frame(splat):
   embeddings = tracks_lib.track_embeddings(np.array([5]), 8)
   for xy in ([-0.5, 2.0], [WIDTH, 2.0], [2.0, HEIGHT + 1.0], [3e10, -3e10]):
@@ -317,6 +317,28 @@ def test_bilinear_splat_encodes_the_position_inside_a_cell():
   assert not np.allclose(nearest, share * (embedding[0] @ embedding[0]), atol=1e-3)
 
 
+def test_nearest_offset_keeps_nearest_ids_and_adds_the_position_inside_the_cell():
+  # The first D channels are nearest's grid exactly; the two after them, in the one cell a lone point lands in,
+  # give its (x, y) back: (column + 1/2 + offset / 2) * stride. Everywhere else they are zero.
+  rng = np.random.default_rng(1)
+  embedding = tracks_lib.track_embeddings(np.array([42]), 16)
+  points = rng.uniform(0, [WIDTH, HEIGHT], (20, 1, 2)).astype(np.float32)
+  visible = np.ones((20, 1), bool)
+  grid = _raster(points, visible, embedding, "nearest_offset")
+  assert grid.shape[-1] == 16 + config_utils.TRACK_OFFSET_CHANNELS
+  np.testing.assert_array_equal(grid[..., :16], _raster(points, visible, embedding))
+  for frame in range(20):
+    row, col = (points[frame, 0, ::-1] // STRIDE).astype(int)
+    offset = grid[frame, row, col, 16:]
+    assert np.all(offset >= -1) and np.all(offset < 1)
+    np.testing.assert_allclose((np.array([col, row]) + 0.5 + offset / 2) * STRIDE, points[frame, 0], atol=1e-4)
+    others = np.delete(grid[frame, ..., 16:].reshape(-1, 2), row * (WIDTH // STRIDE) + col, axis=0)
+    assert not others.any()
+  # A point on a cell centre has offset zero, so a static query grid at the centres gives nearest's grid + zeros.
+  centre = np.array([[[2.5 * STRIDE, 1.5 * STRIDE]]], np.float32)
+  assert not _raster(centre, np.ones((1, 1), bool), embedding, "nearest_offset")[..., 16:].any()
+
+
 def test_rasterize_rejects_an_unknown_splat():
   points, visible = _random_tracks()
   with pytest.raises(ValueError, match="splat"):
@@ -330,7 +352,7 @@ def test_rasterize_rejects_stride_not_dividing_frame():
                          stride=5)
 
 
-@pytest.mark.parametrize("splat", ["nearest", "bilinear"])
+@pytest.mark.parametrize("splat", config_utils.TRACK_SPLATS)
 def test_numpy_and_jax_rasterisers_agree(splat):
   rng = np.random.default_rng(4)
   num_tracks = 40  # many tracks on a 4x6 grid: collisions are certain

@@ -42,7 +42,7 @@ def chunk_inputs(config, rng: jax.Array) -> tuple[jax.Array, Conditioning]:
   grid = None
   if m.track_channels:
     grid = jax.random.normal(keys[1], (1, config.codec.temporal_stride * geo.chunk_frames, geo.latent_height,
-                                       geo.latent_width, config.tracks.embed_dim))
+                                       geo.latent_width, config_utils.track_grid_channels(config)))
   image_tokens = jax.random.normal(keys[3], (1, m.image_tokens, m.image_embed_dim)) if m.image_cross_attn else None
   context = jax.random.normal(keys[2], (1, m.text_len, m.text_dim))
   return latents, Conditioning(context=context, track_grid=grid, image_tokens=image_tokens)

@@ -66,7 +66,8 @@ def dit_flops(config, query_frames: int, key_frames: int) -> float:
     self-attention 4 Nq Nk D L                  QK^T and AV, 2 Nq Nk D each
     cross-attention 4 Nq T D L                  (plus 4 Nq I D L over I CLIP tokens when enabled)
     patch embed    2 Nq (in_channels * patch volume) D, head 2 Nq D (out_channels * patch volume)
-    track head     2 cells (sd)^2 + 2 cells sd tc, cells = latent cells of the query frames, sd = stride x embed_dim
+    track head     2 cells (sd + so) sd + 2 cells sd tc, cells = latent cells of the query frames, sd = stride x
+                   embed_dim, so = stride x offset channels (nearest_offset only, else 0)
   Norms, modulation, RoPE and the time embedding are elementwise or per-frame and left out.
   """
   geo = config_utils.geometry(config)
@@ -85,7 +86,8 @@ def dit_flops(config, query_frames: int, key_frames: int) -> float:
   if m.track_channels:
     cells = query_frames * geo.latent_height * geo.latent_width
     packed = config.codec.temporal_stride * config.tracks.embed_dim
-    track = 2 * cells * packed * packed + 2 * cells * packed * m.track_channels
+    offsets = config.codec.temporal_stride * config_utils.track_offset_channels(config.tracks.splat)
+    track = 2 * cells * (packed + offsets) * packed + 2 * cells * packed * m.track_channels
   return float(linear + attention + embed + track)
 
 

@@ -3,7 +3,10 @@
 Coordinate convention (shared with `msjax.data.sprites`): a track point is a continuous pixel position (x, y);
 pixel (row i, column j) covers [j, j+1) x [i, i+1), so a point lies in pixel (floor(y), floor(x)) and, after
 a codec with spatial stride s, in latent cell (floor(y / s), floor(x / s)) (paper Eq. 1). With
-config.tracks.splat = "bilinear" a point is instead shared among the four cells whose centres surround it.
+config.tracks.splat = "bilinear" a point is instead shared among the four cells whose centres surround it; with
+"nearest_offset" it is written into its own cell as in Eq. 1, and two more channels after the embedding hold its
+(x, y) offset from that cell's centre in half cells, in [-1, 1), so the position inside a cell survives without
+mixing the IDs of neighbouring cells.
 
 Track ID embeddings are transformer-style sinusoids of a random integer ID: the first half of the channels are
 sin(id * w_k), the second half cos(id * w_k), with w_k = EMBED_BASE ** (-k / (dim / 2)), k = 0 .. dim/2 - 1.
@@ -281,12 +284,14 @@ def _check_raster_args(points, visible, embeddings, height: int, width: int, str
 
 
 def _splat_corners(xp, points, visible, cells_high: int, cells_wide: int, stride: int, splat: str):
-  """Where each point is written: flat (frame, row, column) cells, weights and keep masks, each [K, T, N].
+  """Where each point is written: flat (frame, row, column) cells, weights and keep masks, each [K, T, N], and
+  the channels written after the embedding, [K, T, N, E].
 
-  nearest: K = 1, the cell holding the point, weight 1. bilinear: K = 4, the cells whose centres surround the
-  point, with bilinear weights (a point on a cell centre puts all its weight there). Either way only visible
-  points inside the frame count, and corners outside the grid are dropped. `xp` is numpy or jax.numpy, so the
-  numpy and jax rasterisers share these exact maths.
+  nearest: K = 1, the cell holding the point, weight 1, E = 0. bilinear: K = 4, the cells whose centres surround
+  the point, with bilinear weights (a point on a cell centre puts all its weight there), E = 0. nearest_offset:
+  nearest's cell and weight, E = 2, the point's offset from the cell centre in half cells. Only visible points
+  inside the frame count, and corners outside the grid are dropped. `xp` is numpy or jax.numpy, so the numpy and
+  jax rasterisers share these exact maths.
   """
   if splat not in config_utils.TRACK_SPLATS:
     raise ValueError(f"splat must be one of {config_utils.TRACK_SPLATS}, got {splat!r}")
@@ -297,8 +302,13 @@ def _splat_corners(xp, points, visible, cells_high: int, cells_wide: int, stride
   row = xp.clip(xp.floor(y), -1, cells_high).astype(xp.int32)
   on_grid = lambda r, c: (c >= 0) & (c < cells_wide) & (r >= 0) & (r < cells_high)
   in_frame = visible & on_grid(row, column)
-  if splat == "nearest":
+  num_extra = config_utils.track_offset_channels(splat)
+  extra = xp.zeros(row.shape + (num_extra,), xp.float32)
+  if splat in ("nearest", "nearest_offset"):
     corners = [(row, column, xp.ones(row.shape, xp.float32))]
+    if num_extra:
+      offset = xp.stack([2 * (x - column) - 1, 2 * (y - row) - 1], axis=-1).astype(xp.float32)
+      extra = xp.where(in_frame[..., None], offset, 0.0).astype(xp.float32)
   else:
     x, y = xp.clip(x, -1, cells_wide) - 0.5, xp.clip(y, -1, cells_high) - 0.5  # relative to cell centres
     left, top = xp.floor(x), xp.floor(y)
@@ -311,27 +321,29 @@ def _splat_corners(xp, points, visible, cells_high: int, cells_wide: int, stride
     flats.append((frame * cells_high + r) * cells_wide + c)
     weights.append(weight)
     keeps.append(in_frame & on_grid(r, c))
-  return xp.stack(flats), xp.stack(weights), xp.stack(keeps)
+  return xp.stack(flats), xp.stack(weights), xp.stack(keeps), xp.stack([extra] * len(corners))
 
 
 def rasterize(points: np.ndarray, visible: np.ndarray, embeddings: np.ndarray, *, height: int, width: int,
               stride: int, splat: str = "nearest") -> np.ndarray:
-  """[T, N, 2] points, [T, N] visibility, [N, D] embeddings -> [T, H/s, W/s, D] float32 grid (Eq. 1, summed).
+  """[T, N, 2] points, [T, N] visibility, [N, D] embeddings -> [T, H/s, W/s, D + E] float32 grid (Eq. 1, summed).
 
-  Points outside the frame contribute nothing; `splat` is config.tracks.splat (see `_splat_corners`).
+  Points outside the frame contribute nothing; `splat` is config.tracks.splat (see `_splat_corners`), E its
+  offset channels (config_utils.track_offset_channels).
   """
   points = np.asarray(points, np.float32)
   visible = np.asarray(visible, bool)
   embeddings = np.asarray(embeddings, np.float32)
   cells_high, cells_wide = _check_raster_args(points, visible, embeddings, height, width, stride)
   num_frames, num_tracks = visible.shape
-  flat, weight, keep = _splat_corners(np, points, visible, cells_high, cells_wide, stride, splat)
+  flat, weight, keep, extra = _splat_corners(np, points, visible, cells_high, cells_wide, stride, splat)
   track = np.broadcast_to(np.arange(num_tracks), flat.shape)
-  dim = embeddings.shape[1]
+  values = np.concatenate([embeddings[track[keep]], extra[keep]], axis=-1) * weight[keep][:, None]
+  dim = values.shape[1]
   # One scalar scatter-add over (cell, channel) pairs: numpy's 1-D `add.at` is ~3x faster than the row form.
   element = (flat[keep].astype(np.int64)[:, None] * dim + np.arange(dim)).ravel()
   grid = np.zeros(num_frames * cells_high * cells_wide * dim, np.float32)
-  np.add.at(grid, element, (embeddings[track[keep]] * weight[keep][:, None]).ravel())
+  np.add.at(grid, element, values.ravel())
   return grid.reshape(num_frames, cells_high, cells_wide, dim)
 
 
@@ -343,10 +355,11 @@ def rasterize_jax(points: jax.Array, visible: jax.Array, embeddings: jax.Array, 
   embeddings = jnp.asarray(embeddings, jnp.float32)
   cells_high, cells_wide = _check_raster_args(points, visible, embeddings, height, width, stride)
   num_cells = points.shape[0] * cells_high * cells_wide
-  flat, weight, keep = _splat_corners(jnp, points, visible, cells_high, cells_wide, stride, splat)
+  flat, weight, keep, extra = _splat_corners(jnp, points, visible, cells_high, cells_wide, stride, splat)
   index = jnp.where(keep, flat, num_cells).reshape(-1)  # out-of-range rows are dropped by the scatter
-  values = (weight[..., None] * embeddings).reshape(-1, embeddings.shape[1])  # [K*T*N, D]
-  grid = jnp.zeros((num_cells, embeddings.shape[1]), jnp.float32).at[index].add(values, mode="drop")
+  per_point = jnp.concatenate([jnp.broadcast_to(embeddings, extra.shape[:-1] + embeddings.shape[-1:]), extra], -1)
+  values = (weight[..., None] * per_point).reshape(-1, per_point.shape[-1])  # [K*T*N, D + E]
+  grid = jnp.zeros((num_cells, per_point.shape[-1]), jnp.float32).at[index].add(values, mode="drop")
   return grid.reshape(points.shape[0], cells_high, cells_wide, -1)
 
 

@@ -6,7 +6,6 @@ import dataclasses
 import io
 import warnings
 
-import chex
 import ml_collections
 import numpy as np
 from PIL import Image

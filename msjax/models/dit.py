@@ -86,6 +86,7 @@ class DiTSpec:
   track_channels: int
   track_input_scale: float
   track_embed_dim: int
+  track_offset_channels: int
   temporal_stride: int
   dtype: str
   attention: str
@@ -112,6 +113,7 @@ class DiTSpec:
         image_cross_attn=m.image_cross_attn, image_embed_dim=m.image_embed_dim, text_dim=m.text_dim,
         track_channels=m.track_channels, track_input_scale=float(m.track_input_scale),
         track_embed_dim=config.tracks.embed_dim,
+        track_offset_channels=config_utils.track_offset_channels(config.tracks.splat),
         temporal_stride=config.codec.temporal_stride, dtype=m.dtype, attention=m.attention, remat=m.remat,
         scan_layers=m.scan_layers, prediction=prediction, x0_min_t=float(m.x0_min_t))
 
@@ -471,7 +473,8 @@ class WanDiT(nn.Module):
       self.image_embedding = ImageEmbedding(s)
     if s.track_channels:
       self.track_head = track_head_lib.TrackHead(s.track_embed_dim, s.temporal_stride, s.track_channels,
-                                                 input_scale=s.track_input_scale, dtype=s.compute_dtype)
+                                                 input_scale=s.track_input_scale,
+                                                 offset_channels=s.track_offset_channels, dtype=s.compute_dtype)
     self.blocks = WanBlock(s)
     self.head = Head(s)
 
@@ -506,7 +509,8 @@ class WanDiT(nn.Module):
     s = self.spec
     if cond.track_grid is None:
       # No motion condition = an all-zero grid; the head is pointwise, so one cell per frame suffices.
-      zeros = jnp.zeros((batch, frames * s.temporal_stride, 1, 1, s.track_embed_dim), jnp.float32)
+      zeros = jnp.zeros((batch, frames * s.temporal_stride, 1, 1, s.track_embed_dim + s.track_offset_channels),
+                        jnp.float32)
       features = self.track_head(zeros)
       return jnp.broadcast_to(features, (batch, frames, height, width, s.track_channels))
     chex.assert_rank(cond.track_grid, 5)
@@ -641,6 +645,6 @@ def example_inputs(config: ml_collections.ConfigDict, batch_size: int) -> tuple[
       context=jnp.zeros((batch_size, m.text_len, m.text_dim)),
       first_latent=None if m.image_condition == "none" else latents[:, 0],
       track_grid=(jnp.zeros((batch_size, geo.num_frames, geo.latent_height, geo.latent_width,
-                             config.tracks.embed_dim)) if m.track_channels > 0 else None),
+                             config_utils.track_grid_channels(config))) if m.track_channels > 0 else None),
       image_tokens=(jnp.zeros((batch_size, m.image_tokens, m.image_embed_dim)) if m.image_cross_attn else None))
   return latents, jnp.zeros((batch_size,)), cond

@@ -8,7 +8,10 @@ Wan's I2V mask uses); a grid that starts later has T = stride * k. Each latent f
 only on its own pixel frames, and a streamed chunk can be encoded on its own.
 
 The head is deliberately NOT zero-initialised: the converter zero-initialises the patch-embedding rows that read
-the track channels, and with both factors zero no gradient would ever reach either.
+the track channels, and with both factors zero no gradient would ever reach either. The one exception is the
+offset input of config.tracks.splat = "nearest_offset" (`offset_in`, added to fc1's output): it starts at zero,
+so a nearest model's params load into a nearest_offset model unchanged and compute what they computed before,
+and the gradient still reaches it through fc1's live path.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from flax import linen as nn
 from flax import struct
 import jax
 import jax.numpy as jnp
+
+
+OFFSET_INPUT = "offset_in"  # the nearest_offset input layer; zero at init (see the module docstring)
 
 
 @struct.dataclass
@@ -63,13 +69,18 @@ class TrackHead(nn.Module):
   temporal_stride: int
   track_channels: int
   input_scale: float = 1.0  # config.model.track_input_scale
+  offset_channels: int = 0  # config_utils.track_offset_channels(config.tracks.splat)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, grid: jax.Array) -> jax.Array:
-    chex.assert_axis_dimension(grid, -1, self.embed_dim)
-    packed = pack_time(grid * self.input_scale, self.temporal_stride)
+    chex.assert_axis_dimension(grid, -1, self.embed_dim + self.offset_channels)
+    packed = pack_time(grid[..., :self.embed_dim] * self.input_scale, self.temporal_stride)
     hidden = nn.Dense(packed.shape[-1], dtype=self.dtype, name="fc1")(packed)
+    if self.offset_channels:
+      offsets = pack_time(grid[..., self.embed_dim:] * self.input_scale, self.temporal_stride)
+      hidden = hidden + nn.Dense(packed.shape[-1], use_bias=False, dtype=self.dtype,
+                                 kernel_init=nn.initializers.zeros, name=OFFSET_INPUT)(offsets)
     features = nn.Dense(self.track_channels, dtype=self.dtype, name="fc2")(nn.silu(hidden))
     return features.astype(jnp.float32)
 

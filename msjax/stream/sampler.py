@@ -180,7 +180,8 @@ class StreamSampler:
       return None
     geo = self.geometry
     frames = self.first_chunk_frames if is_first else self.later_chunk_frames
-    return jnp.zeros((batch, frames, geo.latent_height, geo.latent_width, self.config.tracks.embed_dim))
+    return jnp.zeros((batch, frames, geo.latent_height, geo.latent_width,
+                      config_utils.track_grid_channels(self.config)))
 
   def warmup(self, *, decode: bool = True) -> float:
     """Compiles everything a stream runs (text encoder, first-frame encoder, cross-attention K/V, the first-

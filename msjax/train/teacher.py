@@ -40,6 +40,7 @@ from msjax.diffusion import flow
 from msjax.diffusion import guidance
 from msjax.models import dit
 from msjax.models import text as text_lib
+from msjax.models import track_head as track_head_lib
 from msjax.models.track_head import Conditioning
 from msjax.train import loop
 from msjax.train import sharding
@@ -226,12 +227,22 @@ def init_params(config: ml_collections.ConfigDict, model: dit.WanDiT, text_encod
 def load_dit_checkpoint(path: str, expected: Any) -> Any:
   """DiT params checked leaf by leaf against `expected`, from converted weights (`python -m msjax.convert wan
   ...`), a tile run's `--save_params`, or the EMA params of any run (training workdir or exported model), so a
-  run can continue from another under a new schedule."""
+  run can continue from another under a new schedule.
+
+  `expected` is the fresh init. The one parameter the source may lack is the zero-initialised offset input of
+  config.tracks.splat = "nearest_offset" (`track_head.OFFSET_INPUT`): a nearest model's params then go on as a
+  nearest_offset model that computes exactly what they did, and learns to read the offsets from there.
+  """
   from msjax.convert import common  # pylint: disable=g-import-not-at-top
   is_run = inference.is_exported_model(path) or inference.is_training_workdir(path)
   found = inference.read_checkpoint(path)[0][DIT_PARAMS] if is_run else common.load_params(path)
   loaded = traverse_util.flatten_dict(dict(found), sep="/")
   wanted = traverse_util.flatten_dict(dict(expected), sep="/")
+  kept_at_zero = [name for name in wanted if name not in loaded and f"/{track_head_lib.OFFSET_INPUT}/" in f"/{name}"
+                  and not np.any(np.asarray(wanted[name]))]
+  if kept_at_zero:
+    print(f"{path}: has no {', '.join(kept_at_zero)}; starting it at zero (tracks.splat nearest_offset)")
+  loaded.update({name: wanted[name] for name in kept_at_zero})
   problems = [f"{name}: expected {list(wanted[name].shape)}, found "
               f"{list(np.shape(loaded[name])) if name in loaded else 'nothing'}"
               for name in sorted(wanted) if name not in loaded or np.shape(loaded[name]) != wanted[name].shape]
