@@ -19,7 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from msjax import io_utils
-from msjax.eval import report, sprites_eval
+from msjax.eval import metrics, report, sprites_eval
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/sample.py",
                                           "Config holding a model preset (file[:preset]).")
@@ -70,7 +70,7 @@ def main(argv: list[str]) -> None:
     _fail(str(e))
   print(f"evaluating {_GENERATOR.value!r} on {len(seeds)} clips (seeds {seeds[0]}..{seeds[-1]}, "
         f"{world.num_frames} frames of {world.height}x{world.width}, scored from frame "
-        f"{sprites_eval.FIRST_SCORED_FRAME})")
+        f"{metrics.FIRST_SCORED_FRAME})")
   try:
     result = sprites_eval.evaluate(generate_fn, seeds=seeds, config=config, baselines=_BASELINES.value,
                                    num_frames=world.num_frames, num_samples=_NUM_SAMPLES.value, progress=True)

@@ -7,7 +7,7 @@ A generator is a plain callable, so teachers, students and baselines are scored 
 
 `tracks` holds the clip's full first-frame grid (`Tracks.points` [T, N, 2], `Tracks.visible` [T, N]), the
 reconstruction protocol's "ground-truth tracks as input". Scores cover the frames after the given first frame
-(`FIRST_SCORED_FRAME`). Held-out seeds: training clips use seeds below `TRAIN_SEED_END` (validation clips follow
+(`metrics.FIRST_SCORED_FRAME`). Held-out seeds: training clips use seeds below `TRAIN_SEED_END` (validation clips follow
 them), evaluation defaults to seeds from `EVAL_SEED_START` on, and seeds below `TRAIN_SEED_END` are refused so a
 training clip is never scored.
 
@@ -38,10 +38,6 @@ GENERATOR = "generator"
 FIRST_FRAME = "first_frame"
 TRUE_VIDEO = "true_video"
 DRIFT_SERIES = ("psnr", "background_error", "sprite_error")
-# Frame 0 is the given first frame, an input: every score covers the frames after it, the ones a generator makes.
-# (Scoring it let a copy of the input reach the PSNR ceiling: +1.6 dB on the first-frame baseline's mean over 45
-# frames.) The per-frame curves keep it, for reference.
-FIRST_SCORED_FRAME = 1
 TRACKS_GIVEN = "given"
 TRACKS_SHUFFLED_IDS = "shuffled_ids"
 TRACKS_NONE = "none"
@@ -229,10 +225,10 @@ def _generated_video(output: Any, truth: ClipTruth, name: str) -> tuple[np.ndarr
 
 def score_clip(video: np.ndarray, truth: ClipTruth, *, tolerance: float,
                min_pixels: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """JSON-ready metrics of one generated clip over frames FIRST_SCORED_FRAME on, and its per-frame drift
+  """JSON-ready metrics of one generated clip over frames metrics.FIRST_SCORED_FRAME on, and its per-frame drift
   series [T] (every frame)."""
   clip = truth.clip
-  scored = np.arange(video.shape[0]) >= FIRST_SCORED_FRAME
+  scored = np.arange(video.shape[0]) >= metrics.FIRST_SCORED_FRAME
   detection = metrics.detect_sprites(video, clip.colors, tolerance=tolerance, min_pixels=min_pixels)
   epe_frames = truth.unoccluded & scored[:, None]
   centroid = metrics.centroid_epe(detection, clip.centroids, epe_frames).summary()

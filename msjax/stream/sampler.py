@@ -385,11 +385,12 @@ def track_following_epe(video: np.ndarray, tracks: tracks_lib.Tracks, colors: np
   """How far the sprites of `colors` [S, 3] in `video` [T, H, W, 3] are from where their tracks lead (pixels).
 
   A sprite's tracks are those starting on it in frame 0; its detected centroid path is compared with their
-  mean displacement over every frame (`metrics.track_epe`). Only meaningful where sprite colours are known (the
-  built-in scene).
+  mean displacement over the frames after the given one (`metrics.track_epe`, `metrics.FIRST_SCORED_FRAME`).
+  Only meaningful where sprite colours are known (the built-in scene).
   """
   chex.assert_axis_dimension(video, 0, tracks.num_frames)
   detected = metrics.detect_sprites(video, colors, min_pixels=min_pixels)
   members = metrics.sprite_track_members(video[0], tracks.points, tracks.visible, colors)
-  every_frame = np.ones(detected.found.shape, bool)
-  return metrics.track_epe(detected, tracks.points, tracks.visible, members, every_frame).summary()
+  scored = np.broadcast_to((np.arange(tracks.num_frames) >= metrics.FIRST_SCORED_FRAME)[:, None],
+                           detected.found.shape)
+  return metrics.track_epe(detected, tracks.points, tracks.visible, members, scored).summary()
