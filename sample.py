@@ -172,9 +172,10 @@ def _summary(chunks, started: float, first_at: float, frames: int) -> str:
   wall = time.perf_counter() - started
   later = [chunk.seconds for chunk in chunks[1:]] or [chunks[0].seconds]
   spread = statistics.stdev(later) if len(later) > 1 else 0.0
+  ms = io_utils.MS_PER_SECOND
   return (f"frames: {frames} in {len(chunks)} chunks, wall {wall:.2f} s, {frames / wall:.1f} FPS, first frame "
-          f"after {first_at - started:.3f} s, chunk {statistics.mean(later) * 1e3:.1f} ± {spread * 1e3:.1f} ms "
-          f"(first chunk {chunks[0].seconds * 1e3:.1f} ms)")
+          f"after {first_at - started:.3f} s, chunk {statistics.mean(later) * ms:.1f} ± {spread * ms:.1f} ms "
+          f"(first chunk {chunks[0].seconds * ms:.1f} ms)")
 
 
 @dataclasses.dataclass(frozen=True)

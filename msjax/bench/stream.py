@@ -194,13 +194,14 @@ def benchmark(sampler: sampler_lib.StreamSampler, num_chunks: int) -> dict[str, 
   frames_per_chunk = config.codec.temporal_stride * config.stream.chunk_frames
   flops = flops_per_chunk(config)
   memory, memory_kind = peak_memory()
+  ms = io_utils.MS_PER_SECOND
   return {
       "device": jax.devices()[0].device_kind, "preset": config.preset, "dtype": config.model.dtype,
       "stream": f"c{config.stream.chunk_frames}s{config.stream.sink_chunks}w{config.stream.window_chunks}",
       "steps": config.stream.num_steps, "chunks": num_chunks, "frames": run.frames,
       "compile_s": compile_s, "compile_dit_only_s": compile_dit_s, "first_frame_s": run.first_frame_s,
-      "chunk_ms_mean": 1e3 * mean, "chunk_ms_std": 1e3 * std, "chunk_ms_max": 1e3 * max(later),
-      "fps_end_to_end": run.fps, "dit_chunk_ms_mean": 1e3 * dit_mean, "dit_chunk_ms_std": 1e3 * dit_std,
+      "chunk_ms_mean": ms * mean, "chunk_ms_std": ms * std, "chunk_ms_max": ms * max(later),
+      "fps_end_to_end": run.fps, "dit_chunk_ms_mean": ms * dit_mean, "dit_chunk_ms_std": ms * dit_std,
       "fps_dit_only": frames_per_chunk / dit_mean, "tflop_per_chunk": flops / 1e12,
       "tflops_achieved": flops / dit_mean / 1e12, "memory_mib": memory / BYTES_PER_MIB, "memory_kind": memory_kind,
   }
@@ -216,11 +217,12 @@ def flatness(sampler: sampler_lib.StreamSampler, num_chunks: int = FLAT_CHUNKS) 
 
   early, late = early_late(run.chunk_s)
   cpu_early, cpu_late = early_late(run.chunk_cpu_s)
+  ms = io_utils.MS_PER_SECOND
   return {
       "device": jax.devices()[0].device_kind, "preset": sampler.config.preset, "chunks": num_chunks,
-      "chunk_ms_10_110": 1e3 * early, "chunk_ms_last_100": 1e3 * late, "late_over_early": late / early,
-      "flat": abs(late / early - 1) <= FLAT_TOLERANCE, "cpu_ms_10_110": 1e3 * cpu_early,
-      "cpu_ms_last_100": 1e3 * cpu_late, "cpu_late_over_early": cpu_late / cpu_early,
+      "chunk_ms_10_110": ms * early, "chunk_ms_last_100": ms * late, "late_over_early": late / early,
+      "flat": abs(late / early - 1) <= FLAT_TOLERANCE, "cpu_ms_10_110": ms * cpu_early,
+      "cpu_ms_last_100": ms * cpu_late, "cpu_late_over_early": cpu_late / cpu_early,
       "cpu_flat": abs(cpu_late / cpu_early - 1) <= FLAT_TOLERANCE, "rss_start_mib": run.rss_start / BYTES_PER_MIB,
       "rss_at_110_mib": run.rss_per_chunk[FLAT_EARLY[1] - 1] / BYTES_PER_MIB,
       "rss_end_mib": run.rss_end / BYTES_PER_MIB, "fps_end_to_end": run.fps, "load_average": os.getloadavg(),
@@ -241,7 +243,7 @@ def format_result(result: dict[str, Any]) -> str:
       f"{result['preset']} {result['stream']} {result['steps']} steps {result['dtype']} on {result['device']}, "
       f"{result['chunks']} chunks ({result['frames']} frames)",
       f"  compile          {result['compile_s']:.1f} s (+ {result['compile_dit_only_s']:.1f} s DiT-only programs)",
-      f"  first frame      {1e3 * result['first_frame_s']:.1f} ms",
+      f"  first frame      {io_utils.MS_PER_SECOND * result['first_frame_s']:.1f} ms",
       f"  chunk            {result['chunk_ms_mean']:.1f} ± {result['chunk_ms_std']:.1f} ms "
       f"(max {result['chunk_ms_max']:.1f} ms)",
       f"  FPS end to end   {result['fps_end_to_end']:.1f}",

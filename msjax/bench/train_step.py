@@ -31,7 +31,6 @@ _STEPS = flags.DEFINE_integer("steps", 10, "timed steps, after one compiling ste
 _JSON = flags.DEFINE_string("json", "", "also write the result here (atomically)")
 
 GIGA = 1e9
-MS_PER_SECOND = 1000.0
 
 
 def step_flops(config) -> float:
@@ -67,17 +66,18 @@ def run(config, steps: int) -> dict[str, Any]:
     losses.append(float(metrics["loss"]))
   step_seconds = np.asarray(step)
   flops = step_flops(config)
+  ms = io_utils.MS_PER_SECOND
   return {
       "device": jax.devices()[0].device_kind, "platform": jax.default_backend(), "devices": jax.device_count(),
       "preset": config.preset, "batch_size": int(config.train.batch_size),
       "num_frames": int(config.video.num_frames), "dtype": config.model.dtype,
       "attention": config.model.attention, "steps": steps, "compile_s": compile_seconds,
-      "step_ms_mean": float(step_seconds.mean() * MS_PER_SECOND),
-      "step_ms_std": float(step_seconds.std() * MS_PER_SECOND),
-      "step_ms_min": float(step_seconds.min() * MS_PER_SECOND),
-      "step_ms_max": float(step_seconds.max() * MS_PER_SECOND),
+      "step_ms_mean": float(step_seconds.mean() * ms),
+      "step_ms_std": float(step_seconds.std() * ms),
+      "step_ms_min": float(step_seconds.min() * ms),
+      "step_ms_max": float(step_seconds.max() * ms),
       "clips_per_s": float(config.train.batch_size / step_seconds.mean()),
-      "host_batch_ms": float(np.mean(host) * MS_PER_SECOND), "prepare_ms": float(np.mean(prepare) * MS_PER_SECOND),
+      "host_batch_ms": float(np.mean(host) * ms), "prepare_ms": float(np.mean(prepare) * ms),
       "gflop_per_step": flops / GIGA, "achieved_gflop_s": float(flops / step_seconds.mean() / GIGA),
       "loss_first": losses[0], "loss_last": losses[-1],
   }
