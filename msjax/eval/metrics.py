@@ -39,6 +39,11 @@ SSIM_K2 = 0.03
 DRIFT_QUARTER = 4  # drift compares the first and the last 1/DRIFT_QUARTER of the frames
 
 
+def scored_frames(num_frames: int) -> np.ndarray:
+  """bool [num_frames]: the frames every score covers (FIRST_SCORED_FRAME on)."""
+  return np.arange(num_frames) >= FIRST_SCORED_FRAME
+
+
 def _check_video(video: np.ndarray, name: str) -> None:
   chex.assert_rank(video, 4)
   chex.assert_axis_dimension(video, 3, RGB)

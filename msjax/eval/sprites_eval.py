@@ -228,7 +228,7 @@ def score_clip(video: np.ndarray, truth: ClipTruth, *, tolerance: float,
   """JSON-ready metrics of one generated clip over frames metrics.FIRST_SCORED_FRAME on, and its per-frame drift
   series [T] (every frame)."""
   clip = truth.clip
-  scored = np.arange(video.shape[0]) >= metrics.FIRST_SCORED_FRAME
+  scored = metrics.scored_frames(video.shape[0])
   detection = metrics.detect_sprites(video, clip.colors, tolerance=tolerance, min_pixels=min_pixels)
   epe_frames = truth.unoccluded & scored[:, None]
   centroid = metrics.centroid_epe(detection, clip.centroids, epe_frames).summary()

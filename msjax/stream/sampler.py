@@ -391,6 +391,5 @@ def track_following_epe(video: np.ndarray, tracks: tracks_lib.Tracks, colors: np
   chex.assert_axis_dimension(video, 0, tracks.num_frames)
   detected = metrics.detect_sprites(video, colors, min_pixels=min_pixels)
   members = metrics.sprite_track_members(video[0], tracks.points, tracks.visible, colors)
-  scored = np.broadcast_to((np.arange(tracks.num_frames) >= metrics.FIRST_SCORED_FRAME)[:, None],
-                           detected.found.shape)
+  scored = np.broadcast_to(metrics.scored_frames(tracks.num_frames)[:, None], detected.found.shape)
   return metrics.track_epe(detected, tracks.points, tracks.visible, members, scored).summary()
