@@ -38,7 +38,7 @@ def _optim_section(learning_rate: float, b1: float, grad_clip: float, ema_decay:
                    warmup_steps: int) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(learning_rate=learning_rate, warmup_steps=warmup_steps, b1=b1, b2=0.999,
                                         weight_decay=0.01, grad_clip=grad_clip, ema_decay=ema_decay,
-                                        schedule="constant"))
+                                        schedule="constant", cooldown_steps=0))
 
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:

@@ -60,7 +60,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.01
   c.optim.grad_clip = 1.0
   c.optim.ema_decay = 0.999
-  c.optim.schedule = "cosine" if c.preset == "tiny" else "constant"  # after linear warmup: constant | cosine (to 0 at train.steps)
+  c.optim.schedule = "cosine" if c.preset == "tiny" else "constant"  # after linear warmup: constant | cosine | wsd
+  # wsd only: the linear cooldown to 0 over the last cooldown_steps before train.steps (cosine decays to 0 there).
+  c.optim.cooldown_steps = 0
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1200 if c.preset == "tiny" else 4800  # tiny: ~64 min on a 2-core CPU

@@ -95,6 +95,13 @@ def test_gradient_accumulation_equals_big_batch():
     state_lib.split_micro_batches({"i": jnp.arange(6)}, 4)
 
 
+def constant_config(optim):
+  """A copy of `optim` with the constant schedule."""
+  copied = optim.copy_and_resolve_references()
+  copied.schedule = "constant"
+  return copied
+
+
 def test_schedule_clipping_decay_mask_and_ema():
   optim = toy.toy_config().optim
   optim.warmup_steps, optim.schedule = 4, "cosine"
@@ -107,6 +114,20 @@ def test_schedule_clipping_decay_mask_and_ema():
   constant = state_lib.learning_rate_schedule(optim, 20)
   assert float(constant(2)) == pytest.approx(optim.learning_rate / 2)
   assert float(constant(19)) == pytest.approx(optim.learning_rate)
+  optim.schedule, optim.cooldown_steps = "wsd", 8
+  wsd = state_lib.learning_rate_schedule(optim, 20)
+  assert float(wsd(2)) == pytest.approx(optim.learning_rate / 2)
+  assert float(wsd(12)) == pytest.approx(optim.learning_rate)  # the cooldown starts at 20 - 8
+  assert float(wsd(16)) == pytest.approx(optim.learning_rate / 2)
+  assert float(wsd(20)) == pytest.approx(0.0, abs=1e-9)
+  # A constant-rate run's optimizer state restores into a wsd optimizer: the cooldown is a relaunch flag.
+  params = {"kernel": jnp.ones((4, 4))}
+  assert (jax.tree.structure(state_lib.make_optimizer(optim, 20).init(params))
+          == jax.tree.structure(state_lib.make_optimizer(constant_config(optim), 20).init(params)))
+  for cooldown_steps in (0, 17):  # none, or reaching into the warmup
+    optim.cooldown_steps = cooldown_steps
+    with pytest.raises(ValueError, match="cooldown_steps"):
+      state_lib.learning_rate_schedule(optim, 20)
   optim.schedule = "linear"
   with pytest.raises(ValueError, match="optim.schedule"):
     state_lib.learning_rate_schedule(optim, 20)

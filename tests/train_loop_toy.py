@@ -43,7 +43,8 @@ def toy_config(**train_overrides) -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = ml_collections.ConfigDict({"hidden": HIDDEN})
   c.optim = ml_collections.ConfigDict(dict(learning_rate=3e-3, warmup_steps=3, b1=0.9, b2=0.999,
-                                           weight_decay=0.01, grad_clip=1.0, ema_decay=0.9, schedule="cosine"))
+                                           weight_decay=0.01, grad_clip=1.0, ema_decay=0.9, schedule="cosine",
+                                           cooldown_steps=0))
   c.train = ml_collections.ConfigDict(dict(steps=12, batch_size=8, grad_accum=1, log_every=4, eval_every=6,
                                            checkpoint_every=4, keep_checkpoints=2))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=256))

@@ -23,7 +23,7 @@ Metrics = dict[str, jax.Array]
 LossFn = Callable[[Params, Batch, jax.Array], tuple[jax.Array, Metrics]]
 TrainStep = Callable[["TrainState", Batch], tuple["TrainState", Metrics]]
 
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "wsd")
 DECAYED_LEAVES = ("kernel", "embedding")  # flax names of Dense/Conv weights and Embed tables
 
 
@@ -38,7 +38,13 @@ class TrainState:
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `optim.learning_rate`, then constant or cosine decay to 0 at `total_steps`."""
+  """Linear warmup from 0 to `optim.learning_rate`, then one of:
+
+  constant; cosine decay to 0 at `total_steps`; or wsd (warmup-stable-decay): constant, then a linear cooldown
+  to 0 over the last `optim.cooldown_steps` steps before `total_steps`. The schedule is a function of the step
+  alone, so a run trained at constant rate can be relaunched with a later `train.steps` and wsd to cool it down
+  from its checkpoint (the optimizer state does not change shape).
+  """
   schedule = optim.get("schedule", "constant")
   if schedule not in SCHEDULES:
     raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -46,7 +52,16 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -
   if schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, optim.learning_rate, warmup, max(total_steps, warmup + 1))
   warmup_part = optax.linear_schedule(0.0, optim.learning_rate, max(warmup, 1))
-  return optax.join_schedules([warmup_part, optax.constant_schedule(optim.learning_rate)], [warmup])
+  if schedule == "constant":
+    return optax.join_schedules([warmup_part, optax.constant_schedule(optim.learning_rate)], [warmup])
+  cooldown = int(optim.get("cooldown_steps", 0))
+  cooldown_start = total_steps - cooldown
+  if cooldown < 1 or cooldown_start < warmup:
+    raise ValueError(f"optim.schedule='wsd' needs 1 <= optim.cooldown_steps <= train.steps - optim.warmup_steps "
+                     f"= {total_steps - warmup}, got cooldown_steps={cooldown}")
+  return optax.join_schedules(
+      [warmup_part, optax.constant_schedule(optim.learning_rate),
+       optax.linear_schedule(optim.learning_rate, 0.0, cooldown)], [warmup, cooldown_start])
 
 
 def _decay_mask(params: Params) -> Params:
