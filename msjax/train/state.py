@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from msjax import config_utils
+
 Params = Any
 Batch = Any
 Metrics = dict[str, jax.Array]
@@ -47,7 +49,7 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -
   """
   schedule = optim.get("schedule", "constant")
   if schedule not in SCHEDULES:
-    raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {schedule!r}")
+    raise config_utils.ConfigError(f"optim.schedule must be one of {SCHEDULES}, got {schedule!r}")
   warmup = max(int(optim.warmup_steps), 0)
   if schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, optim.learning_rate, warmup, max(total_steps, warmup + 1))
@@ -57,7 +59,7 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -
   cooldown = int(optim.get("cooldown_steps", 0))
   cooldown_start = total_steps - cooldown
   if cooldown < 1 or cooldown_start < warmup:
-    raise ValueError(f"optim.schedule='wsd' needs 1 <= optim.cooldown_steps <= train.steps - optim.warmup_steps "
+    raise config_utils.ConfigError(f"optim.schedule='wsd' needs 1 <= optim.cooldown_steps <= train.steps - optim.warmup_steps "
                      f"= {total_steps - warmup}, got cooldown_steps={cooldown}")
   return optax.join_schedules(
       [warmup_part, optax.constant_schedule(optim.learning_rate),
