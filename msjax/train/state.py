@@ -53,17 +53,19 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -
   warmup = max(int(optim.warmup_steps), 0)
   if schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, optim.learning_rate, warmup, max(total_steps, warmup + 1))
-  warmup_part = optax.linear_schedule(0.0, optim.learning_rate, max(warmup, 1))
-  if schedule == "constant":
-    return optax.join_schedules([warmup_part, optax.constant_schedule(optim.learning_rate)], [warmup])
-  cooldown = int(optim.get("cooldown_steps", 0))
-  cooldown_start = total_steps - cooldown
-  if cooldown < 1 or cooldown_start < warmup:
-    raise config_utils.ConfigError(f"optim.schedule='wsd' needs 1 <= optim.cooldown_steps <= train.steps - optim.warmup_steps "
-                     f"= {total_steps - warmup}, got cooldown_steps={cooldown}")
-  return optax.join_schedules(
-      [warmup_part, optax.constant_schedule(optim.learning_rate),
-       optax.linear_schedule(optim.learning_rate, 0.0, cooldown)], [warmup, cooldown_start])
+  parts = [optax.linear_schedule(0.0, optim.learning_rate, max(warmup, 1)),
+           optax.constant_schedule(optim.learning_rate)]
+  boundaries = [warmup]
+  if schedule == "wsd":
+    cooldown = int(optim.get("cooldown_steps", 0))
+    cooldown_start = total_steps - cooldown
+    if cooldown < 1 or cooldown_start < warmup:
+      raise config_utils.ConfigError(
+          f"optim.schedule='wsd' needs 1 <= optim.cooldown_steps <= train.steps - optim.warmup_steps "
+          f"= {total_steps - warmup}, got cooldown_steps={cooldown}")
+    parts.append(optax.linear_schedule(optim.learning_rate, 0.0, cooldown))
+    boundaries.append(cooldown_start)
+  return optax.join_schedules(parts, boundaries)
 
 
 def _decay_mask(params: Params) -> Params:
