@@ -331,3 +331,41 @@ def test_scores_leave_out_the_given_first_frame():
   assert curve[0] == pytest.approx(ceiling) and blanked["per_frame"]["psnr"][0] < 20
   assert baseline["aggregate"]["psnr"]["mean"] == pytest.approx(curve[1:].mean())
   assert baseline["aggregate"]["psnr"]["mean"] < curve.mean() - 1.0
+
+
+def test_sample_seeds_are_scored_on_the_same_clips_and_summarised():
+  """A generator whose error grows with its sampling seed: each seed's run is kept, and the spread is the
+  sample std of the per-seed means."""
+  config = models.tiny()
+  seeds = sprites_eval.eval_seeds(4)
+  world = sprites_eval.world_config(config, WORLD.num_frames)
+  truth = sprites_eval.true_video_generator(sprites_eval.render_clips(seeds, world))
+  built = []
+
+  def make_generate_fn(sample_seed):
+    built.append(sample_seed)
+
+    def generate(first_frame, prompt, tracks, num_frames):
+      return _shift(truth(first_frame, prompt, tracks, num_frames), sample_seed, 0)
+
+    return generate
+
+  result = sprites_eval.evaluate_sample_seeds(make_generate_fn, [0, 2, 1], seeds=seeds, config=config,
+                                              num_frames=WORLD.num_frames, num_samples=1)
+  assert built == [0, 2, 1]
+  results = result["results"]
+  assert set(results) == {sprites_eval.GENERATOR, sprites_eval.FIRST_FRAME, sprites_eval.TRUE_VIDEO,
+                          sprites_eval.seed_result_name(2), sprites_eval.seed_result_name(1)}
+  assert len(result["samples"]) == 1 and result["sample_seeds"] == [0, 2, 1]
+  runs = [results[sprites_eval.GENERATOR]] + [results[sprites_eval.seed_result_name(s)] for s in (2, 1)]
+  assert all([c["seed"] for c in run["clips"]] == seeds for run in runs)
+  epe = result["across_sample_seeds"]["epe"]
+  assert epe["per_seed"] == [run["aggregate"]["epe"]["mean"] for run in runs]
+  np.testing.assert_allclose(epe["per_seed"], [0.0, 2.0, 1.0], atol=0.3)  # a shift of k px is k px of EPE
+  assert epe["mean"] == pytest.approx(np.mean(epe["per_seed"]))
+  assert epe["std"] == pytest.approx(np.std(epe["per_seed"], ddof=1))
+  assert set(result["across_sample_seeds"]) == set(sprites_eval.ACROSS_SEED_METRICS)
+  with pytest.raises(ValueError, match="distinct"):
+    sprites_eval.evaluate_sample_seeds(make_generate_fn, [1, 1], seeds=seeds, config=config)
+  with pytest.raises(ValueError, match="at least one"):
+    sprites_eval.check_sample_seeds([])

@@ -122,6 +122,21 @@ def test_cli_runs_the_true_video_generator(tmp_path):
   assert "true_video" in run.stdout
 
 
+def test_cli_sample_seeds_report_each_run_and_their_spread(tmp_path):
+  out = tmp_path / "eval"
+  run = _cli("--generator", "true_video", "--num_clips", "2", "--num_frames", str(NUM_FRAMES), "--num_samples",
+             "0", "--sample_seeds", "3,5", "--out", str(out))
+  assert run.returncode == 0, run.stderr
+  loaded = _strict_json(str(out / report.REPORT_JSON))
+  assert loaded["sample_seeds"] == [3, 5]
+  assert set(loaded["results"]) == {"generator", "generator_seed5", "first_frame", "true_video"}
+  psnr = loaded["across_sample_seeds"]["psnr"]
+  assert psnr["per_seed"][0] == psnr["per_seed"][1] == psnr["mean"] and psnr["std"] == 0.0  # the oracle ignores it
+  assert "over sample seeds [3, 5]" in run.stdout
+  refused = _cli("--generator", "true_video", "--num_clips", "2", "--sample_seeds", "1,1", "--out", str(tmp_path / "x"))
+  assert refused.returncode == 2 and "distinct" in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_cli_refuses_training_seeds(tmp_path):
   run = _cli("--generator", "first_frame", "--num_clips", "2", "--seed_start", "0", "--out", str(tmp_path))
   assert run.returncode == 2

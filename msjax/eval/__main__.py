@@ -8,7 +8,8 @@ Generators are looked up in the registry of `msjax.eval.register_generator`; `fi
 are built in; the model generators of `msjax.eval.generators` (teacher, student) are imported by default, and other
 modules can register theirs (name them in --generator_modules). `--track_condition shuffled_ids` or `none`
 gives the teacher its tracks with the IDs after frame 0 shuffled, or no tracks: set against `given`, they show
-whether the model follows a point by its ID or only reads where points are.
+whether the model follows a point by its ID or only reads where points are. `--sample_seeds 0,1,2` scores the
+generator once per sampling seed and reports the spread, for claims near a target.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "Clips shown in the sample
 _BASELINES = flags.DEFINE_bool("baselines", True, "Also score the first-frame and true-video baselines.")
 _DRAW_TRACKS = flags.DEFINE_bool("draw_tracks", True, "Draw moving tracks as dots in the sample grid.")
 _SCALE = flags.DEFINE_integer("scale", 2, "Integer upscaling of the sample grid.")
+_SAMPLE_SEEDS = flags.DEFINE_list("sample_seeds", [], "Run the generator once per seed (config.seed: its noise and "
+                                  "track IDs) on the same clips and report each and their mean and std; empty: "
+                                  "config.seed once.")
 
 
 _fail = io_utils.exit_bad_input
@@ -63,18 +67,31 @@ def main(argv: list[str]) -> None:
     seeds = sprites_eval.eval_seeds(_NUM_CLIPS.value, _SEED_START.value)
     world = sprites_eval.world_config(config, _NUM_FRAMES.value or None)
     checkpoint = _CHECKPOINT.value if _CHECKPOINT.value is not None else config.get("checkpoint", "")
-    context = sprites_eval.GeneratorContext(config=config, checkpoint=checkpoint, world=world, seeds=tuple(seeds),
-                                            track_condition=_TRACK_CONDITION.value)
-    generate_fn = sprites_eval.make_generator(_GENERATOR.value, context)
-  except ValueError as e:  # bad seeds, frame count or generator name
+    sample_seeds = sprites_eval.check_sample_seeds(_SAMPLE_SEEDS.value) if _SAMPLE_SEEDS.value else []
+  except ValueError as e:  # bad seeds, sample seeds or frame count
     _fail(str(e))
+
+  def make_generate_fn(sample_seed: int | None) -> sprites_eval.GenerateFn:
+    seeded = config
+    if sample_seed is not None:
+      seeded = config.copy_and_resolve_references()
+      with seeded.unlocked():
+        seeded.seed = sample_seed
+    context = sprites_eval.GeneratorContext(config=seeded, checkpoint=checkpoint, world=world, seeds=tuple(seeds),
+                                            track_condition=_TRACK_CONDITION.value)
+    return sprites_eval.make_generator(_GENERATOR.value, context)
+
   print(f"evaluating {_GENERATOR.value!r} on {len(seeds)} clips (seeds {seeds[0]}..{seeds[-1]}, "
         f"{world.num_frames} frames of {world.height}x{world.width}, scored from frame "
-        f"{metrics.FIRST_SCORED_FRAME})")
+        f"{metrics.FIRST_SCORED_FRAME})" + (f", sample seeds {sample_seeds}" if sample_seeds else ""))
+  kwargs = dict(seeds=seeds, config=config, baselines=_BASELINES.value, num_frames=world.num_frames,
+                num_samples=_NUM_SAMPLES.value, progress=True)
   try:
-    result = sprites_eval.evaluate(generate_fn, seeds=seeds, config=config, baselines=_BASELINES.value,
-                                   num_frames=world.num_frames, num_samples=_NUM_SAMPLES.value, progress=True)
-  except sprites_eval.GeneratorError as e:  # the generator returned something that is not the asked-for video
+    if sample_seeds:
+      result = sprites_eval.evaluate_sample_seeds(make_generate_fn, sample_seeds, **kwargs)
+    else:
+      result = sprites_eval.evaluate(make_generate_fn(None), **kwargs)
+  except sprites_eval.GeneratorError as e:  # unknown generator, or an output that is not the asked-for video
     _fail(str(e))
   result["generator_name"] = _GENERATOR.value
   result["checkpoint"] = checkpoint

@@ -152,4 +152,10 @@ def format_summary(result: dict[str, Any]) -> str:
                 for name in results for count, group in results[name].get("by_num_sprites", {}).items()]
   if by_sprites:
     lines += ["", "by sprites per clip:"] + _table(by_sprites, BY_SPRITES_METRICS)
+  across = result.get("across_sample_seeds")
+  if across:
+    lines += ["", f"generator over sample seeds {result['sample_seeds']} (mean +- std of the per-seed means):"]
+    lines += [f"  {label:<18}{across[key]['mean']:.3f} +- {across[key]['std']:.3f}  (per seed: "
+              + ", ".join(f"{v:.3f}" for v in across[key]["per_seed"]) + ")"
+              for key, label in SUMMARY_METRICS if key in across]
   return "\n".join(lines)
