@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from configs import teacher as teacher_config
+from configs import teacher_ids as teacher_ids_config
+from msjax import config_utils
 from msjax import inference
 from msjax.bench import stream as stream_bench
 from msjax.convert import common as convert_common
@@ -171,9 +173,9 @@ MICRO_OVERRIDES = {
 }
 
 
-def _train_py(tmp_path, overrides, preset="tiny"):
-  args = [sys.executable, os.path.join(REPO, "train.py"), f"--config={REPO}/configs/teacher.py:{preset}",
-          f"--config.workdir={tmp_path / 'run'}", f"--config.data.data_dir={tmp_path / 'data'}"]
+def _train_py(tmp_path, overrides, preset="tiny", config_file="teacher.py", workdir="run"):
+  args = [sys.executable, os.path.join(REPO, "train.py"), f"--config={REPO}/configs/{config_file}:{preset}",
+          f"--config.workdir={tmp_path / workdir}", f"--config.data.data_dir={tmp_path / 'data'}"]
   args += [f"--config.{key}={value}" for key, value in overrides.items()]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
@@ -208,6 +210,16 @@ def test_train_py_runs_the_teacher_end_to_end(tmp_path):
   wider = dict(blank, patch_embedding=dict(blank["patch_embedding"], bias=np.zeros((1000,), np.float32)))
   with pytest.raises(ValueError, match=r"patch_embedding/bias: expected \[1000\]"):
     teacher.load_dit_checkpoint(workdir, wider)
+  # The ID-following recipe starts from a nearest model (here this run, standing in for the tile run) and goes
+  # on with sub-cell offsets, its scaled track input and mixed clips rendered as they are read.
+  recipe = _train_py(tmp_path, dict(MICRO_OVERRIDES, **{"train.steps": 1, "train.eval_every": 1,
+                                                        "init_checkpoint": workdir}),
+                     config_file="teacher_ids.py", workdir="recipe")
+  assert f"{track_head.OFFSET_INPUT}/kernel; starting it at zero" in recipe
+  assert re.search(r"step 1: .*loss=", recipe) and re.search(r"eval/val_loss_shuffled_ids_t0.95=[0-9]", recipe)
+  assert not re.search(r"eval/val_loss_t0.25=", recipe)  # the recipe watches t = 0.95 alone
+  recipe_config = inference.read_checkpoint(str(tmp_path / "recipe"))[1]
+  assert recipe_config["tracks"]["splat"] == "nearest_offset" and recipe_config["model"]["track_input_scale"] == 32
 
 
 def test_train_step_benchmark_times_the_stages_step(tmp_path):
@@ -238,6 +250,13 @@ def test_train_step_benchmark_times_the_stages_step(tmp_path):
                                capture_output=True, text=True, timeout=120)
   assert wrong_stage.returncode == 2 and wrong_stage.stderr.strip().startswith("error:")
   assert "Traceback" not in wrong_stage.stderr
+
+
+def test_the_id_recipe_config_is_for_the_tiny_preset_only():
+  recipe = teacher_ids_config.get_config()
+  assert recipe.data.sprite_motion == "mixed" and recipe.optim.schedule == "constant"
+  with pytest.raises(config_utils.ConfigError, match="recipe for the tiny preset, got 'wan2_1_1_3b'"):
+    teacher_ids_config.get_config("wan2_1_1_3b")
 
 
 def test_unknown_stage_and_missing_config_fail_cleanly(tmp_path):
