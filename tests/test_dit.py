@@ -155,7 +155,7 @@ def test_attend_valid_keys_equals_truncated_keys_and_kernel_names():
     attention.implementation_for("flash")
 
 
-@pytest.mark.parametrize("masking", ["none", "mask", "valid_keys", "both", "empty_row"])
+@pytest.mark.parametrize("masking", ["none", "mask", "valid_keys", "both", "empty_row", "key_mask"])
 def test_xla_kernel_matches_jax_nn_attention_and_its_derivatives(masking):
   """attend(implementation=None) is our deferred-normalisation kernel: values, reverse- and forward-mode
   derivatives agree with jax.nn.dot_product_attention's XLA path under every masking the DiT uses."""
@@ -167,14 +167,18 @@ def test_xla_kernel_matches_jax_nn_attention_and_its_derivatives(masking):
   if masking == "empty_row":
     mask = jnp.ones((nq, nk), bool).at[2].set(False)
   valid = jnp.int32(5) if masking in ("valid_keys", "both") else None
+  # per-row key masks, as for padded prompts in the text encoder: row 0 sees 4 keys, row 1 every other one
+  key_mask = jnp.stack([jnp.arange(nk) < 4, jnp.arange(nk) % 2 == 0]) if masking == "key_mask" else None
 
   def ours(q, k, v):
-    return attention.attend(q, k, v, implementation=None, mask=mask, valid_keys=valid)
+    return attention.attend(q, k, v, implementation=None, mask=mask, valid_keys=valid, key_mask=key_mask)
 
   def library(q, k, v):
     lengths = None if valid is None else jnp.full((batch,), valid)
-    return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[None, None],
-                                        key_value_seq_lengths=lengths)
+    library_mask = None if mask is None else mask[None, None]
+    if key_mask is not None:
+      library_mask = key_mask[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=library_mask, key_value_seq_lengths=lengths)
 
   got, want = ours(q, k, v), library(q, k, v)
   chex.assert_shape(got, q.shape)
@@ -189,6 +193,10 @@ def test_xla_kernel_matches_jax_nn_attention_and_its_derivatives(masking):
                              atol=2e-5)
   if masking == "valid_keys":  # keys past the prefix get no gradient
     assert float(jnp.abs(got_grads[1][:, 5:]).max()) == 0.0
+  if masking == "key_mask":
+    assert float(jnp.abs(got_grads[1][0, 4:]).max()) == 0.0 and float(jnp.abs(got_grads[1][1, 1::2]).max()) == 0.0
+    with pytest.raises(ValueError, match="not both"):
+      attention.attend(q, k, v, implementation=None, mask=jnp.ones((nq, nk), bool), key_mask=key_mask)
 
 
 def test_xla_kernel_in_bfloat16_keeps_float32_softmax():

@@ -31,6 +31,7 @@ import numpy as np
 
 from msjax import config_utils
 from msjax.codecs import base
+from msjax.models import attention
 
 Params = Any
 Cache = Any  # nested dict of arrays mirroring the module tree; None means "start of stream" (zeros)
@@ -199,7 +200,7 @@ class FrameAttention(nn.Module):
     y = ChannelRMSNorm(name="norm")(x)
     qkv = nn.Dense(3 * c, dtype=self.dtype, param_dtype=jnp.float32, name="to_qkv")(y)
     qkv = qkv.reshape(b * t, h * w, 3, 1, c)  # one head of width c
-    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=None)
+    out = attention.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=None)
     out = nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32, name="proj")(out.reshape(b, t, h, w, c))
     return x + out
 

@@ -37,11 +37,13 @@ def implementation_for(name: str) -> str | None:
 
 
 def attend(query: jax.Array, key: jax.Array, value: jax.Array, *, implementation: str | None,
-           mask: jax.Array | None = None, valid_keys: jax.Array | None = None) -> jax.Array:
+           mask: jax.Array | None = None, valid_keys: jax.Array | None = None,
+           key_mask: jax.Array | None = None) -> jax.Array:
   """Softmax attention, [B, Nq, heads, head_dim] against [B, Nk, heads, head_dim].
 
   mask: optional boolean [Nq, Nk] (True = may attend), shared by the batch and the heads.
   valid_keys: optional int32 scalar; only the first `valid_keys` keys are attended.
+  key_mask: optional boolean [B, Nk], the keys each batch row may attend (padded text tokens); not with `mask`.
   """
   chex.assert_rank([query, key, value], 4)
   chex.assert_equal_shape([key, value])
@@ -50,6 +52,11 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, *, implementation
   if mask is not None:
     chex.assert_shape(mask, (query.shape[1], key.shape[1]))
     mask = mask[None, None]
+  if key_mask is not None:
+    if mask is not None:
+      raise ValueError("attend takes a shared [Nq, Nk] mask or a per-row [B, Nk] key_mask, not both")
+    chex.assert_shape(key_mask, (batch, key.shape[1]))
+    mask = key_mask[:, None, None, :]
   if implementation is None:
     allowed = mask
     if valid_keys is not None:

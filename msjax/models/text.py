@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from msjax.convert import common as convert_common
+from msjax.models import attention
 
 Params = Any
 
@@ -325,7 +326,7 @@ class BertLayer(nn.Module):
     query = nn.DenseGeneral(heads, name="query")(hidden)
     key = nn.DenseGeneral(heads, name="key")(hidden)
     value = nn.DenseGeneral(heads, name="value")(hidden)
-    attended = jax.nn.dot_product_attention(query, key, value, mask=key_mask[:, None, None, :])
+    attended = attention.attend(query, key, value, implementation=None, key_mask=key_mask)
     attended = nn.DenseGeneral(s.width, axis=(-2, -1), name="attn_out")(attended)
     hidden = nn.LayerNorm(s.eps, use_fast_variance=False, name="attn_norm")(hidden + attended)
     mlp = nn.gelu(nn.Dense(s.mlp_dim, name="mlp_in")(hidden), approximate=False)
