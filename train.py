@@ -14,6 +14,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from msjax import io_utils
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (file[:preset]).", lock_config=True)
 
 STAGES = ("teacher", "causal_init", "dmd")
@@ -28,11 +30,9 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   if config is None:
-    print("error: --config is required, e.g. --config configs/teacher.py", file=sys.stderr)
-    sys.exit(2)
+    io_utils.exit_bad_input("--config is required, e.g. --config configs/teacher.py")
   if config.stage not in STAGES:
-    print(f"error: config.stage must be one of {', '.join(STAGES)}, got {config.stage!r}", file=sys.stderr)
-    sys.exit(2)
+    io_utils.exit_bad_input(f"config.stage must be one of {', '.join(STAGES)}, got {config.stage!r}")
   module_name = STAGE_MODULES[config.stage]
   try:
     module = importlib.import_module(module_name)
@@ -44,8 +44,8 @@ def main(argv: list[str]) -> None:
   try:
     module.train(config)
   except _user_errors() as e:  # a missing teacher, pairs folder or checkpoint, a bad config: no traceback
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    print(f"error: {e}", file=sys.stderr)  # multi-line messages keep their layout
+    sys.exit(io_utils.EXIT_BAD_INPUT)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -57,4 +57,4 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=io_utils.parse_flags)

@@ -33,6 +33,39 @@ def exit_bad_input(message: str) -> NoReturn:
   sys.exit(EXIT_BAD_INPUT)
 
 
+CONFIG_FILE_ERROR = "Error whilst parsing config file"  # how ml_collections wraps an exception in get_config
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for `app.run(main, flags_parser=parse_flags)`, with a bad flag as one error line.
+
+  A config file whose `get_config` raises (an unknown preset, a recipe refusing one) reaches absl as a flag
+  error holding the whole traceback; only its last line, the exception's message, is the user's business.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    remaining = flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+    if CONFIG_FILE_ERROR in message:
+      raised = [line for line in message.splitlines() if line.strip()][-1]
+      name, _, text = raised.partition(": ")  # "package.module.SomeError: what went wrong"
+      flag = message.split(f": {CONFIG_FILE_ERROR}")[0]
+      message = f"{flag}: {text if text and ' ' not in name else raised}"
+    exit_bad_input(message)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a key the config lacks
+    inner: object = e
+    while isinstance(inner, BaseException) and inner.args:  # AttributeError(KeyError("'key'\nDid you mean..."))
+      inner = inner.args[0]
+    exit_bad_input(f"a --config.* override names a key the config does not have: {inner}")
+  if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
+    try:  # a config file that cannot be read only says so when first used
+      flags.FLAGS["config"].value.get("stage")
+    except OSError as e:
+      exit_bad_input(f"--config: cannot load the config file ({str(e).splitlines()[-1].strip()})")
+  return remaining
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, make_dirs: bool = False) -> None:
   """Calls `write(f)` on a temporary file next to `path`, then renames it to `path`.
 

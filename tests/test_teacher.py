@@ -268,6 +268,18 @@ def test_unknown_stage_and_missing_config_fail_cleanly(tmp_path):
                         "--config.stage=pretrain"], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)
   assert bad.returncode == 2 and "config.stage must be one of" in bad.stderr
+  # Config mistakes absl and ml_collections would report with a traceback: one line, exit 2.
+  cases = {(f"--config={REPO}/configs/teacher.py:bogus",): "unknown model preset 'bogus'",
+           (f"--config={REPO}/configs/teacher_ids.py:wan2_1_1_3b",): "recipe for the tiny preset",
+           (f"--config={tmp_path}/missing.py",): "cannot load the config file",
+           (f"--config={REPO}/configs/teacher.py", "--config.model.dimm=1"): 'Did you mean "dim"',
+           (f"--config={REPO}/configs/teacher.py", "--config.model.dim=wide"): "--config.model.dim=wide",
+           ("--no_such_flag=1",): "Unknown command line flag 'no_such_flag'"}
+  for args, expected in cases.items():
+    run = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and expected in run.stderr, (args, run.stderr[-2000:])
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, (args, run.stderr)
 
 
 @pytest.mark.slow

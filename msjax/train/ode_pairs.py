@@ -352,7 +352,7 @@ def _cli() -> None:
     layout = generate(config, directory)
     print(f"{layout.num_pairs} ODE pairs at t = {np.round(layout.timesteps, 4).tolist()} in {directory}")
 
-  app.run(main)
+  app.run(main, flags_parser=io_utils.parse_flags)
 
 
 if __name__ == "__main__":
