@@ -125,7 +125,7 @@ def test_cli_runs_the_true_video_generator(tmp_path):
 def test_cli_sample_seeds_report_each_run_and_their_spread(tmp_path):
   out = tmp_path / "eval"
   run = _cli("--generator", "true_video", "--num_clips", "2", "--num_frames", str(NUM_FRAMES), "--num_samples",
-             "0", "--sample_seeds", "3,5", "--out", str(out))
+             "0", "--sample_seeds", "3,5", "--out", str(out), "--config", "configs/teacher_ids.py")
   assert run.returncode == 0, run.stderr
   loaded = _strict_json(str(out / report.REPORT_JSON))
   assert loaded["sample_seeds"] == [3, 5]
@@ -133,6 +133,7 @@ def test_cli_sample_seeds_report_each_run_and_their_spread(tmp_path):
   psnr = loaded["across_sample_seeds"]["psnr"]
   assert psnr["per_seed"][0] == psnr["per_seed"][1] == psnr["mean"] and psnr["std"] == 0.0  # the oracle ignores it
   assert "over sample seeds [3, 5]" in run.stdout
+  assert "sprite_motion is 'mixed'" in run.stdout  # the recipe's training world is not the targets' world
   refused = _cli("--generator", "true_video", "--num_clips", "2", "--sample_seeds", "1,1", "--out", str(tmp_path / "x"))
   assert refused.returncode == 2 and "distinct" in refused.stderr and "Traceback" not in refused.stderr
 

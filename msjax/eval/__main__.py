@@ -20,6 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from msjax import io_utils
+from msjax.data import sprites as sprites_lib
 from msjax.eval import metrics, report, sprites_eval
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/sample.py",
@@ -81,6 +82,9 @@ def main(argv: list[str]) -> None:
                                             track_condition=_TRACK_CONDITION.value)
     return sprites_eval.make_generator(_GENERATOR.value, context)
 
+  if world.motion == sprites_lib.MOTION_MIXED:
+    print(f"note: config.data.sprite_motion is {world.motion!r}, so about half the clips are jump clips; the "
+          f"sprites world of the teacher's targets is smooth (--config.data.sprite_motion=smooth)")
   print(f"evaluating {_GENERATOR.value!r} on {len(seeds)} clips (seeds {seeds[0]}..{seeds[-1]}, "
         f"{world.num_frames} frames of {world.height}x{world.width}, scored from frame "
         f"{metrics.FIRST_SCORED_FRAME})" + (f", sample seeds {sample_seeds}" if sample_seeds else ""))
