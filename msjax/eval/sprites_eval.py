@@ -393,9 +393,10 @@ def evaluate_sample_seeds(make_generate_fn: Callable[[int], GenerateFn], sample_
 
   Near a target, one seed's mean EPE can land on either side of it (on 100 clips the tiny teachers' seeds
   differ by up to 0.6 px), so a claim needs several. `make_generate_fn(sample_seed)` builds the generator for
-  one seed. The first seed's run is the result's "generator" (with the baselines and sample grid); each later one is added
-  under `seed_result_name(seed)`, and "across_sample_seeds" holds, for each of `ACROSS_SEED_METRICS`, the
-  per-seed means, their mean and their sample standard deviation (ddof 1; 0 for one seed).
+  one seed. The first seed's run is the result's "generator" (with the baselines and sample grid); each later
+  one is added under `seed_result_name(seed)`, and "across_sample_seeds" holds, for each of
+  `ACROSS_SEED_METRICS`, the per-seed means, their mean and their sample standard deviation (ddof 1; 0 for one
+  seed).
   """
   sample_seeds = check_sample_seeds(sample_seeds)
   result = evaluate(make_generate_fn(sample_seeds[0]), seeds=seeds, config=config, **evaluate_kwargs)
