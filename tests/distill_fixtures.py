@@ -107,15 +107,21 @@ def saved_teacher(config: ml_collections.ConfigDict, seed: int = 0) -> inference
   return save_model(random_model(config, seed), config.teacher_checkpoint, "teacher")
 
 
-def run_train_py(config: ml_collections.ConfigDict, cwd: str | os.PathLike, extra: list[str]) -> str:
-  """`python train.py --config configs/distill.py:tiny` made into the micro `config` (built with
-  small_text=False) by command-line overrides, plus `extra`; returns its output, failing on a non-zero exit."""
-  args = [sys.executable, os.path.join(REPO, "train.py"), f"--config={REPO}/configs/distill.py:tiny"]
+def cli_overrides(config: ml_collections.ConfigDict) -> list[str]:
+  """Command-line flags that make `configs/distill.py:tiny` into the micro `config` (built with small_text=False)."""
+  args = [f"--config={REPO}/configs/distill.py:tiny"]
   args += [f"--config.{dotted}={value}" for dotted, value in MICRO.items()]
   args += [f"--config.data.data_dir={config.data.data_dir}", f"--config.ode_pairs.dir={config.ode_pairs.dir}",
            f"--config.teacher_checkpoint={config.teacher_checkpoint}",
            f"--config.dmd.init_checkpoint={config.dmd.init_checkpoint}",
            f"--config.causal_init.workdir={config.causal_init.workdir}", f"--config.dmd.workdir={config.dmd.workdir}"]
+  return args
+
+
+def run_train_py(config: ml_collections.ConfigDict, cwd: str | os.PathLike, extra: list[str]) -> str:
+  """`python train.py` on the micro `config` (`cli_overrides`) plus `extra`; returns its output, failing on a
+  non-zero exit."""
+  args = [sys.executable, os.path.join(REPO, "train.py")] + cli_overrides(config)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   result = subprocess.run(args + extra, cwd=cwd, env=env, capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S)
   assert result.returncode == 0, result.stderr[-4000:]

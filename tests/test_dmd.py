@@ -3,8 +3,11 @@ truncation in the self-rollout, one generator + critic step, the student sampler
 
 import dataclasses
 import functools
+import json
 import os
 import re
+import subprocess
+import sys
 
 import jax
 from jax import flatten_util
@@ -15,12 +18,14 @@ from flax import traverse_util
 
 from msjax import config_utils
 from msjax import inference
+from msjax.bench import stream as stream_bench
 from msjax.models import dit
 from msjax.models import kv_cache
 from msjax.stream import rollout
 from msjax.stream import sampler as sampler_lib
 from msjax.train import causal_init
 from msjax.train import dmd
+from msjax.train import ode_pairs
 import dit_fixtures
 import distill_fixtures
 
@@ -316,3 +321,36 @@ def test_train_py_runs_the_dmd_stage_and_writes_a_sample(tmp_path):
   assert re.search(r"step 1: .*critic_loss=.*loss=", output)
   assert re.search(r"eval/val_critic_loss=.*eval/val_real_fake_gap_t0.5=", output)
   assert os.path.isfile(os.path.join(config.dmd.workdir, "samples", "step_0000001.gif"))
+
+
+def test_train_step_benchmark_times_both_student_stages(tmp_path):
+  """`python -m msjax.bench.train_step` runs the step `train.py` runs for causal adaptation and for DMD."""
+  config = distill_fixtures.micro_config(tmp_path, small_text=False)
+  distill_fixtures.saved_teacher(config)
+  distill_fixtures.save_model(distill_fixtures.random_model(config, seed=5), config.dmd.init_checkpoint, "student")
+  ode_pairs.generate(config, config.ode_pairs.dir, None)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=distill_fixtures.REPO)
+  env.pop("XLA_FLAGS", None)
+
+  def bench(stage, *extra):
+    args = [sys.executable, "-m", "msjax.bench.train_step", *distill_fixtures.cli_overrides(config),
+            f"--config.stage={stage}", "--steps=1", f"--json={tmp_path / stage}.json", *extra]
+    return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=distill_fixtures.TRAIN_TIMEOUT_S)
+
+  # A DMD step reads the generator's batch of 1 and one more for each of the 2 critic updates.
+  for stage, batch, clips in ((causal_init.STAGE, 2, 2), (dmd.STAGE, 1, 1 + 2)):
+    result = bench(stage)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"tiny {stage} step, batch {batch} x 9 frames" in result.stdout
+    report = json.loads((tmp_path / f"{stage}.json").read_text())
+    assert report["stage"] == stage and report["clips_per_step"] == clips
+    assert report["clips_per_s"] == pytest.approx(clips / (report["step_ms_mean"] / 1000))
+    assert np.isfinite(report["loss_first"])
+    if stage == dmd.STAGE:
+      assert report["gflop_per_step"] is None and "not counted" in result.stdout
+    else:
+      resolved = causal_init.stage_config(config, stage)
+      assert report["gflop_per_step"] == pytest.approx(3 * 2 * stream_bench.dit_flops(resolved, 3, 3) / 1e9)
+  missing = bench(causal_init.STAGE, f"--config.ode_pairs.dir={tmp_path / 'no_pairs'}")
+  assert missing.returncode == 2 and "no_pairs" in missing.stderr and "Traceback" not in missing.stderr

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import chex
 import grain
@@ -285,10 +285,22 @@ def split_pairs(source: ode_pairs.PairSource, num_validation: int) -> tuple[grai
   return dataset[:len(source) - num_validation], dataset[len(source) - num_validation:]
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> state_lib.TrainState:
-  """Runs causal adaptation for `causal_init.train.steps` steps in `workdir` (default causal_init.workdir)."""
-  config = stage_config(config, STAGE)
-  workdir = workdir or config.workdir
+class CausalInitStage(NamedTuple):
+  """What `train` and `msjax.bench.train_step` both run (the fields of `teacher.TeacherStage` they read), plus the
+  held-out pairs the eval hook scores."""
+  model: dit.WanDiT
+  objective: CausalInitObjective
+  abstract_state: state_lib.TrainState
+  fresh_state: Callable[[], state_lib.TrainState]
+  train_step: Callable[[state_lib.TrainState, dict[str, jax.Array]], tuple[state_lib.TrainState, Any]]
+  preparer: StudentPreparer
+  make_iterator: Callable[[], Any]
+  validation_pairs: grain.MapDataset
+
+
+def build_stage(config: ml_collections.ConfigDict) -> CausalInitStage:
+  """The pairs, the student (the teacher's weights), its sharded state and the jitted step; `config` as resolved
+  by `stage_config(config, STAGE)`."""
   mesh = sharding.make_mesh(config.mesh)
   teacher.check_batch_config(config, mesh)
   source = ode_pairs.PairSource(config.ode_pairs.dir)
@@ -307,13 +319,24 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> stat
   step = state_lib.make_train_step(functools.partial(causal_init_loss, model=model, objective=objective), tx,
                                    config.optim.ema_decay, config.train.grad_accum,
                                    state_lib.learning_rate_schedule(config.optim, total_steps))
-  jitted = sharding.jit_train_step(step, mesh, sharding.shardings_of(abstract))
-  iterator = ode_pairs.make_pair_pipeline(train_pairs, seed=config.seed,
-                                          batch_size=config.train.batch_size // jax.process_count())
-  preparer = StudentPreparer(mesh, teacher_model, PAIR_KEYS)
+  make_iterator = functools.partial(ode_pairs.make_pair_pipeline, train_pairs, seed=config.seed,
+                                    batch_size=config.train.batch_size // jax.process_count())
+  return CausalInitStage(model=model, objective=objective, abstract_state=abstract,
+                         fresh_state=lambda: sharding.init_sharded(create, abstract, params, rng),
+                         train_step=sharding.jit_train_step(step, mesh, sharding.shardings_of(abstract)),
+                         preparer=StudentPreparer(mesh, teacher_model, PAIR_KEYS), make_iterator=make_iterator,
+                         validation_pairs=validation_pairs)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> state_lib.TrainState:
+  """Runs causal adaptation for `causal_init.train.steps` steps in `workdir` (default causal_init.workdir)."""
+  config = stage_config(config, STAGE)
+  workdir = workdir or config.workdir
+  stage = build_stage(config)
   eval_hook = None
-  if config.train.eval_every > 0 and len(validation_pairs):
-    validation = next(iter(validation_pairs.batch(min(int(config.eval.batch_size), len(validation_pairs)))))
-    eval_hook = CausalInitEval(config, workdir, model, objective, preparer.unsharded(validation))
-  return loop.train_loop(config, workdir, lambda: sharding.init_sharded(create, abstract, params, rng), abstract,
-                         jitted, iterator, preparer, eval_hook)
+  if config.train.eval_every > 0 and len(stage.validation_pairs):
+    held_out = stage.validation_pairs
+    validation = next(iter(held_out.batch(min(int(config.eval.batch_size), len(held_out)))))
+    eval_hook = CausalInitEval(config, workdir, stage.model, stage.objective, stage.preparer.unsharded(validation))
+  return loop.train_loop(config, workdir, stage.fresh_state, stage.abstract_state, stage.train_step,
+                         stage.make_iterator(), stage.preparer, eval_hook)

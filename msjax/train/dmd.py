@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import chex
 import flax
@@ -376,10 +376,23 @@ def load_generator_init(config: ml_collections.ConfigDict) -> inference.Model:
   return inference.load_model(path, config)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> DMDState:
-  """Runs Self Forcing + DMD for `dmd.train.steps` steps in `workdir` (default dmd.workdir), resuming."""
-  config = stage_config(config)
-  workdir = workdir or config.workdir
+class DMDStage(NamedTuple):
+  """What `train` and `msjax.bench.train_step` both run (the fields of `teacher.TeacherStage` they read), plus
+  what the eval hook scores with: the frozen teacher and its null text context."""
+  model: dit.WanDiT
+  objective: DMDObjective
+  teacher_model: inference.Model
+  null_context: jax.Array
+  abstract_state: DMDState
+  fresh_state: Callable[[], DMDState]
+  train_step: Callable[[DMDState, dict[str, jax.Array]], tuple[DMDState, Any]]
+  preparer: causal_init.StudentPreparer
+  make_iterator: Callable[[], Any]
+
+
+def build_stage(config: ml_collections.ConfigDict) -> DMDStage:
+  """The frozen teacher, the generator (from `dmd.init_checkpoint`) and critic (from the teacher), their sharded
+  state and the jitted step (one per cache layout when drawn per step); `config` as resolved by `stage_config`."""
   mesh = sharding.make_mesh(config.mesh)
   teacher.check_batch_config(config, mesh)
   critic_steps = int(config.dmd.critic_steps)
@@ -416,21 +429,32 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> DMDS
     fixed = jitted_step(config.stream.sink_chunks, config.stream.window_chunks)
     train_step = lambda state, batch: fixed(state, batch, teacher_params, null_context)
 
-  codec = teacher_model.codec
+  # Each step reads 1 + critic_steps groups of conditionings (see `make_dmd_step`).
   local_batch = config.train.batch_size * (1 + critic_steps) // jax.process_count()
-  iterator = pipeline.make_train_pipeline(config, data_source=teacher.make_data_source(config, "train"), codec=codec,
-                                          seed=config.seed, batch_size=local_batch,
-                                          worker_count=config.data.worker_count)
-  preparer = causal_init.StudentPreparer(mesh, teacher_model, CONDITION_KEYS)
+  make_iterator = functools.partial(
+      pipeline.make_train_pipeline, config, data_source=teacher.make_data_source(config, "train"),
+      codec=teacher_model.codec, seed=config.seed, batch_size=local_batch, worker_count=config.data.worker_count)
+  return DMDStage(model=model, objective=objective, teacher_model=teacher_model, null_context=null_context,
+                  abstract_state=abstract,
+                  fresh_state=lambda: sharding.init_sharded(create, abstract, params, critic_params, rng),
+                  train_step=train_step, preparer=causal_init.StudentPreparer(mesh, teacher_model, CONDITION_KEYS),
+                  make_iterator=make_iterator)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> DMDState:
+  """Runs Self Forcing + DMD for `dmd.train.steps` steps in `workdir` (default dmd.workdir), resuming."""
+  config = stage_config(config)
+  workdir = workdir or config.workdir
+  stage = build_stage(config)
   eval_hook = None
   if config.train.eval_every > 0:
+    codec = stage.teacher_model.codec
     validation = teacher.make_data_source(config, "validation", fallback_split="train")
     validation_batch = next(pipeline.make_train_pipeline(
         config, data_source=validation, codec=codec, seed=config.seed,
         batch_size=min(int(config.eval.batch_size), len(validation))))
-    eval_preparer = causal_init.StudentPreparer(mesh, teacher_model, ("latents",) + CONDITION_KEYS)
-    eval_hook = DMDEval(config, workdir, model, objective, teacher_model, null_context,
+    eval_preparer = causal_init.StudentPreparer(stage.preparer.mesh, stage.teacher_model, ("latents",) + CONDITION_KEYS)
+    eval_hook = DMDEval(config, workdir, stage.model, stage.objective, stage.teacher_model, stage.null_context,
                         eval_preparer.unsharded(validation_batch))
-  fresh_state = lambda: sharding.init_sharded(create, abstract, params, critic_params, rng)
-  return loop.train_loop(config, workdir, fresh_state, abstract, train_step, iterator, preparer, eval_hook)
-
+  return loop.train_loop(config, workdir, stage.fresh_state, stage.abstract_state, stage.train_step,
+                         stage.make_iterator(), stage.preparer, eval_hook)

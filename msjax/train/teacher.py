@@ -427,7 +427,9 @@ def check_batch_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
 
 class TeacherStage(NamedTuple):
   """What `train` and the training-step benchmark (`msjax.bench.train_step`) both run: the sharded state's
-  shapes and a maker for a fresh one, the jitted step (null text context bound) and the batch preparer."""
+  shapes and a maker for a fresh one, the jitted step (null text context bound), the batch preparer and a
+  maker for the training batches' iterator. The student stages build the same fields (`causal_init.build_stage`,
+  `dmd.build_stage`)."""
   model: dit.WanDiT
   text_encoder: text_lib.TextEncoder
   frozen_text_params: Any
@@ -436,6 +438,7 @@ class TeacherStage(NamedTuple):
   fresh_state: Callable[[], state_lib.TrainState]
   train_step: Callable[[state_lib.TrainState, dict[str, jax.Array]], tuple[state_lib.TrainState, Any]]
   preparer: BatchPreparer
+  make_iterator: Callable[[], Any]
 
 
 def build_stage(config: ml_collections.ConfigDict) -> TeacherStage:
@@ -477,7 +480,8 @@ def build_stage(config: ml_collections.ConfigDict) -> TeacherStage:
   return TeacherStage(model=model, text_encoder=text_encoder, frozen_text_params=frozen_text_params,
                       codec=codec, abstract_state=abstract, fresh_state=fresh_state,
                       train_step=lambda s, b: jitted(s, b, null_context),
-                      preparer=BatchPreparer(mesh, text_encoder, frozen_text_params, config, codec))
+                      preparer=BatchPreparer(mesh, text_encoder, frozen_text_params, config, codec),
+                      make_iterator=functools.partial(train_iterator, config, codec))
 
 
 def train_iterator(config: ml_collections.ConfigDict, codec: codecs.Codec) -> Any:
@@ -491,7 +495,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> stat
   """Trains the teacher for `config.train.steps` steps in `workdir` (default `config.workdir`), resuming."""
   workdir = workdir or config.workdir
   stage = build_stage(config)
-  iterator = train_iterator(config, stage.codec)
   eval_hook = None
   if config.train.eval_every > 0:
     validation = make_data_source(config, "validation", fallback_split="train")
@@ -500,5 +503,5 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> stat
         batch_size=min(int(config.eval.batch_size), len(validation))))
     eval_hook = TeacherEval(config, workdir, stage.model, stage.text_encoder, stage.frozen_text_params,
                             stage.preparer, validation_batch)
-  return loop.train_loop(config, workdir, stage.fresh_state, stage.abstract_state, stage.train_step, iterator,
-                         stage.preparer, eval_hook)
+  return loop.train_loop(config, workdir, stage.fresh_state, stage.abstract_state, stage.train_step,
+                         stage.make_iterator(), stage.preparer, eval_hook)
