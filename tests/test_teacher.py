@@ -282,6 +282,26 @@ def test_unknown_stage_and_missing_config_fail_cleanly(tmp_path):
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, (args, run.stderr)
 
 
+def test_an_unusable_init_checkpoint_is_one_error_line(tmp_path):
+  """A folder orbax did not write, and params of another model size: exit 2, the path named, no traceback."""
+  (tmp_path / "not_params").mkdir()
+  convert_common.save_params({"patch_embedding": {"kernel": np.zeros((2, 4), np.float32)}}, tmp_path / "other_size")
+  expected = {"not_params": "not a params checkpoint", "other_size": "do not fit config.model"}
+  for name, message in expected.items():
+    args = [sys.executable, os.path.join(REPO, "train.py"), f"--config={REPO}/configs/teacher.py",
+            f"--config.workdir={tmp_path / 'run'}", f"--config.init_checkpoint={tmp_path / name}",
+            "--config.data.dataset=sprites_rendered", "--config.train.steps=1", "--config.train.eval_every=0"]
+    args += [f"--config.{key}={value}" for key, value in MICRO_OVERRIDES.items()]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    run = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert run.returncode == 2 and len(errors) == 1, run.stderr[-3000:]
+    assert str(tmp_path / name) in errors[0] and message in errors[0], errors
+    assert "Traceback" not in run.stderr
+    assert not os.path.exists(tmp_path / "run" / loop.CHECKPOINT_SUBDIR / "1")
+
+
 @pytest.mark.slow
 def test_tiny_teacher_learns_writes_samples_and_resumes(tmp_path):
   overrides = {"data.num_train": 16, "data.num_validation": 4, "train.steps": 30, "train.eval_every": 15,

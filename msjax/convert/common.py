@@ -582,7 +582,11 @@ def load_params(directory: PathLike) -> dict[str, Any]:
   if not directory.is_dir():
     raise FileNotFoundError(f"{directory}: no converted checkpoint here (expected a folder written by save_params)")
   with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(directory)
+    try:
+      return checkpointer.restore(directory)
+    except (FileNotFoundError, ValueError) as e:  # a folder, but not one orbax wrote
+      raise FileNotFoundError(f"{directory}: not a params checkpoint (expected a folder written by save_params, "
+                              f"a training workdir or an exported model): {e}") from e
 
 
 def save_and_report(params: Mapping[str, Any], plan: Plan, args: argparse.Namespace, title: str) -> int:

@@ -248,8 +248,8 @@ def load_dit_checkpoint(path: str, expected: Any) -> Any:
               for name in sorted(wanted) if name not in loaded or np.shape(loaded[name]) != wanted[name].shape]
   problems += [f"{name}: not a parameter of this model" for name in sorted(set(loaded) - set(wanted))]
   if problems:
-    raise ValueError(f"{path}: DiT params do not fit config.model ({len(problems)} problems): "
-                     + "; ".join(problems[:10]))
+    raise inference.ModelError(f"{path}: its DiT params do not fit config.model (another preset or model size?); "
+                               f"{len(problems)} problems: " + "; ".join(problems[:5]))
   return traverse_util.unflatten_dict({name: np.asarray(loaded[name], wanted[name].dtype) for name in wanted},
                                       sep="/")
 
