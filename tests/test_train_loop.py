@@ -208,3 +208,17 @@ def test_a_checkpoint_older_than_a_config_key_matches_the_value_it_was_trained_w
   config.model.track_input_scale = 32.0
   with pytest.raises(loop.CheckpointMismatchError, match="model.track_input_scale: checkpoint 1.0, config 32.0"):
     loop.check_config_compatible(saved, config, "old")
+
+
+def test_a_run_resumes_under_other_execution_settings():
+  """Compute dtype, attention kernel, remat and the layer loop leave the parameters as they are."""
+  config = models.tiny()
+  saved = loop._config_json(config)  # pylint: disable=protected-access
+  config.model.scan_layers = not config.model.scan_layers
+  config.model.remat = not config.model.remat
+  config.model.dtype, config.model.attention = "bfloat16", "cudnn"
+  loop.check_config_compatible(saved, config, "old")
+  config.model.num_layers += 1
+  with pytest.raises(loop.CheckpointMismatchError, match="model.num_layers") as error:
+    loop.check_config_compatible(saved, config, "old")
+  assert "scan_layers" not in str(error.value)

@@ -39,6 +39,9 @@ SHAPE_SECTIONS = ("model", "codec", "video", "tracks")
 # Keys added to those sections after checkpoints had been written, with the value that reproduces how such an
 # older checkpoint was trained: a side (checkpoint or config) without the key compares as holding that value.
 ADDED_KEYS = {"tracks": {"splat": "nearest"}, "model": {"track_input_scale": 1.0}}
+# Keys of those sections that choose how the same parameters are computed with (compute dtype, kernels, layer
+# loop), not what they are: a run may resume under other values, e.g. with the layers unrolled.
+EXECUTION_KEYS = {"model": ("dtype", "attention", "remat", "scan_layers")}
 
 
 class CheckpointMismatchError(ValueError):
@@ -72,7 +75,7 @@ def check_config_compatible(saved: Mapping[str, Any], config: ml_collections.Con
   for section in SHAPE_SECTIONS:
     added = ADDED_KEYS.get(section, {})
     old, new = {**added, **saved.get(section, {})}, {**added, **current.get(section, {})}
-    for key in sorted(set(old) | set(new)):
+    for key in sorted((set(old) | set(new)) - set(EXECUTION_KEYS.get(section, ()))):
       if old.get(key) != new.get(key):
         differences.append(f"{section}.{key}: checkpoint {old.get(key)!r}, config {new.get(key)!r}")
   if differences:
