@@ -234,6 +234,7 @@ def test_train_step_benchmark_times_the_stages_step(tmp_path):
   assert "teacher step, batch 2 x 9 frames" in result.stdout and "GFLOP/s" in result.stdout
   report = json.loads((tmp_path / "step.json").read_text())
   assert report["steps"] == 2 and report["batch_size"] == 2
+  assert report["scan_layers"] is False and "layers unrolled" in result.stdout  # the tiny teacher's setting
   assert 0 < report["step_ms_min"] <= report["step_ms_mean"] <= report["step_ms_max"]
   assert report["clips_per_s"] == pytest.approx(2 / (report["step_ms_mean"] / 1000))
   assert np.isfinite(report["loss_first"]) and np.isfinite(report["loss_last"])

@@ -98,7 +98,8 @@ def run(config, steps: int) -> dict[str, Any]:
       "device": jax.devices()[0].device_kind, "platform": jax.default_backend(), "devices": jax.device_count(),
       "preset": config.preset, "batch_size": int(config.train.batch_size), "clips_per_step": clips_per_step,
       "num_frames": int(config.video.num_frames), "dtype": config.model.dtype,
-      "attention": config.model.attention, "steps": steps, "compile_s": compile_seconds,
+      "attention": config.model.attention, "scan_layers": bool(config.model.scan_layers), "steps": steps,
+      "compile_s": compile_seconds,
       "step_ms_mean": float(step_seconds.mean() * ms),
       "step_ms_std": float(step_seconds.std() * ms),
       "step_ms_min": float(step_seconds.min() * ms),
@@ -119,7 +120,8 @@ def format_result(r: dict[str, Any]) -> str:
                f"{r['achieved_gflop_s']:.1f} GFLOP/s")
   return "\n".join([
       f"{r['preset']} {r['stage']} step, batch {r['batch_size']} x {r['num_frames']} frames, {r['dtype']}, "
-      f"{r['attention']} attention, on {r['devices']} x {r['device']} ({r['platform']}), {r['steps']} steps",
+      f"{r['attention']} attention, layers {'scanned' if r['scan_layers'] else 'unrolled'}, on {r['devices']} x "
+      f"{r['device']} ({r['platform']}), {r['steps']} steps",
       f"  compile        {r['compile_s']:.1f} s (with the first step)",
       f"  step           {r['step_ms_mean']:.0f} ± {r['step_ms_std']:.0f} ms "
       f"(min {r['step_ms_min']:.0f}, max {r['step_ms_max']:.0f})",
