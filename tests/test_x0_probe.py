@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -65,6 +66,47 @@ def test_probe_on_a_random_model_reports_every_region_and_an_exact_reference():
   assert len(x0_probe.format_table(result).splitlines()) == 1 + len(result)
 
 
+def test_patch_tokens_are_the_heads_layout_and_invert():
+  latents = np.arange(2 * 4 * 6 * 8 * 3, dtype=np.float32).reshape(2, 4, 6, 8, 3)
+  tokens = x0_probe.patch_tokens(latents, (2, 3, 2))
+  assert tokens.shape == (2 * 2 * 2 * 4, 2 * 3 * 2 * 3)
+  # Token 0 holds latent frames 0-1, rows 0-2, columns 0-1, channels fastest.
+  np.testing.assert_array_equal(tokens[0, :3], latents[0, 0, 0, 0])
+  np.testing.assert_array_equal(tokens[0, 3:6], latents[0, 0, 0, 1])
+  np.testing.assert_array_equal(tokens[0, 6:9], latents[0, 0, 1, 0])
+  np.testing.assert_array_equal(x0_probe.from_patch_tokens(tokens, latents.shape, (2, 3, 2)), latents)
+
+
+def test_token_subspace_is_the_best_of_its_rank():
+  rng = np.random.default_rng(0)
+  # Points near a 2-D plane in 6-D, off the origin: rank 2 keeps almost all of them, rank 6 all of them.
+  plane = rng.standard_normal((2, 6))
+  tokens = rng.standard_normal((500, 2)) @ plane + 3.0 + 0.01 * rng.standard_normal((500, 6))
+  error = lambda mean, basis: np.mean(((tokens - mean) @ basis.T @ basis + mean - tokens) ** 2)
+  mean, basis = x0_probe.fit_token_subspace(tokens, 2)
+  np.testing.assert_allclose(basis @ basis.T, np.eye(2), atol=1e-9)
+  assert error(mean, basis) < 1e-3 * np.var(tokens)
+  other = np.linalg.qr(rng.standard_normal((6, 2)))[0].T
+  assert error(mean, basis) < error(mean, other)
+  assert error(*x0_probe.fit_token_subspace(tokens, 6)) < 1e-20
+  with pytest.raises(ValueError, match="rank 7"):
+    x0_probe.fit_token_subspace(tokens, 7)
+
+
+def test_head_ceiling_rises_with_the_models_width():
+  config = small_config()
+  model = inference.random_model(config, seed=1)
+  world = sprites_eval.world_config(config)
+  fit_clips, clips = sprites_eval.render_clips(range(20), world), sprites_eval.render_clips(
+      sprites_eval.eval_seeds(2), world)
+  narrow = x0_probe.head_ceiling(model, fit_clips, clips)
+  wide_config = config.copy_and_resolve_references()
+  wide_config.model.dim = 2 * 2 * config.codec.latent_channels  # the whole patch space: nothing is lost
+  full = x0_probe.head_ceiling(dataclasses.replace(model, config=wide_config), fit_clips, clips)
+  assert set(narrow) == set(x0_probe.REGIONS) and 15.0 < narrow["all"] < full["all"]
+  assert full["all"] > 50.0
+
+
 def test_cli_writes_the_table_and_refuses_bad_timesteps(tmp_path):
   config = small_config()
   model = inference.random_model(config, seed=2)
@@ -77,9 +119,13 @@ def test_cli_writes_the_table_and_refuses_bad_timesteps(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   out = tmp_path / "probe.json"
   done = subprocess.run([sys.executable, "-m", "msjax.eval.x0_probe", *flags, "--timesteps", "0.5",
-                         "--out", str(out)], capture_output=True, text=True, env=env, check=False)
+                         "--ceiling_clips", "3", "--out", str(out)], capture_output=True, text=True, env=env,
+                        check=False)
   assert done.returncode == 0, done.stderr
-  assert set(json.loads(out.read_text())["0.5"]) == {"model", "scalar_skip"}
+  report = json.loads(out.read_text())
+  assert set(report["0.5"]) == {"model", "scalar_skip"}
+  assert report["head_ceiling"]["rank"] == 32 and report["head_ceiling"]["fit_clips"] == 3
+  assert set(report["head_ceiling"]["psnr"]) == set(x0_probe.REGIONS) and "head ceiling" in done.stdout
   bad = subprocess.run([sys.executable, "-m", "msjax.eval.x0_probe", *flags, "--timesteps", "0,0.5"],
                        capture_output=True, text=True, env=env, check=False)
   assert bad.returncode == 2 and "--timesteps must lie in (0, 1]" in bad.stderr and "Traceback" not in bad.stderr

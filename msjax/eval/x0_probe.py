@@ -9,6 +9,12 @@ rescaling of the noisy input, c(t) z_t with c = (1 - t) m / ((1 - t)^2 m + t^2),
 Every sampler's last step is one such estimate from a noisy clip it made itself, so these numbers bound what
 more steps or another sampler can reach; where the model falls below the reference at small t it blurs a clip that
 is already nearly clean, which more steps cannot fix.
+
+Also the ceiling the head's shape sets (`--ceiling_clips`, 0 to skip): the DiT's head maps each token's model.dim
+features linearly to its patch of latent values, so every x0 it can draw lies, token by token, in one
+model.dim-dimensional affine subspace of patch space. The best such subspace for the data is the clips' principal
+components (fitted on training-seed clips); the held-out clips projected onto it score what no training of this
+architecture can beat.
 """
 
 from __future__ import annotations
@@ -105,6 +111,52 @@ def probe(model: inference.Model, clips: Sequence[sprites_lib.Clip], timesteps: 
   return {f"{t:g}": {name: e.psnr() for name, e in by_name.items()} for t, by_name in errors.items()}
 
 
+def patch_tokens(latents: np.ndarray, patch_size: Sequence[int]) -> np.ndarray:
+  """[B, F, h, w, C] -> [B * tokens, pt*ph*pw*C]: the values the head writes for each token (C fastest)."""
+  b, f, h, w, c = latents.shape
+  pt, ph, pw = patch_size
+  blocks = latents.reshape(b, f // pt, pt, h // ph, ph, w // pw, pw, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
+  return blocks.reshape(-1, pt * ph * pw * c)
+
+
+def from_patch_tokens(tokens: np.ndarray, shape: Sequence[int], patch_size: Sequence[int]) -> np.ndarray:
+  """The inverse of `patch_tokens` for latents of `shape` [B, F, h, w, C]."""
+  b, f, h, w, c = shape
+  pt, ph, pw = patch_size
+  blocks = tokens.reshape(b, f // pt, h // ph, w // pw, pt, ph, pw, c).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+  return blocks.reshape(b, f, h, w, c)
+
+
+def fit_token_subspace(tokens: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+  """(mean [d], basis [rank, d]): the `rank`-dimensional affine subspace nearest the tokens in squared error."""
+  if not 0 < rank <= tokens.shape[1]:
+    raise ValueError(f"a subspace of rank {rank} in {tokens.shape[1]}-dimensional patch space")
+  data = tokens.astype(np.float64)
+  mean = data.mean(axis=0)
+  centred = data - mean
+  _, vectors = np.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+  return mean, vectors[:, ::-1][:, :rank].T
+
+
+def head_ceiling(model: inference.Model, fit_clips: Sequence[sprites_lib.Clip],
+                 clips: Sequence[sprites_lib.Clip]) -> dict[str, float]:
+  """PSNR per region of `clips` with every token projected onto the best model.dim-dimensional affine subspace
+  of patch space for `fit_clips`: the sharpest x0 the head's shape allows (module docstring)."""
+  patch_size = model.spec.patch_size
+  encode = lambda clip: np.asarray(model.codec.encode(
+      model.codec_params, jnp.asarray(pipeline.video_to_unit_range(clip.video))[None]))
+  mean, basis = fit_token_subspace(np.concatenate([patch_tokens(encode(c), patch_size) for c in fit_clips]),
+                                   int(model.config.model.dim))
+  errors = SquaredErrors()
+  for clip in clips:
+    z0 = encode(clip)
+    tokens = patch_tokens(z0, patch_size) - mean
+    projected = from_patch_tokens((tokens @ basis.T) @ basis + mean, z0.shape, patch_size)
+    video = model.codec.decode(model.codec_params, jnp.asarray(projected, jnp.float32))[0]
+    errors.add(np.asarray(inference.to_uint8(video)), clip)
+  return errors.psnr()
+
+
 def format_table(result: dict[str, dict[str, dict[str, float]]]) -> str:
   lines = ["t        model: all / background / sprites dB    scalar rescaling of z_t: all / background / sprites dB"]
   for t, rows in result.items():
@@ -120,6 +172,8 @@ _NUM_CLIPS = flags.DEFINE_integer("num_clips", 20, "Held-out clips.")
 _SEED_START = flags.DEFINE_integer("seed_start", sprites_eval.EVAL_SEED_START, "First held-out seed.")
 _TIMESTEPS = flags.DEFINE_list("timesteps", [f"{t:g}" for t in DEFAULT_TIMESTEPS], "Noise levels t in (0, 1].")
 _OUT = flags.DEFINE_string("out", None, "Optional JSON file for the table.")
+_CEILING_CLIPS = flags.DEFINE_integer("ceiling_clips", 200, "Training-seed clips the head ceiling's subspace is "
+                                      "fitted on (0: no ceiling).")
 
 
 _fail = io_utils.exit_bad_input
@@ -148,6 +202,13 @@ def main(argv: list[str]) -> None:
   print(f"one-step x0 from the true noisy clip: {_CHECKPOINT.value}, {len(clips)} clips, frames 1-"
         f"{clips[0].video.shape[0] - 1}, PSNR pooled over the clips")
   print(format_table(result))
+  if _CEILING_CLIPS.value > 0:
+    fit_clips = sprites_eval.render_clips(range(_CEILING_CLIPS.value), sprites_eval.world_config(config))
+    ceiling = head_ceiling(model, fit_clips, clips)
+    result["head_ceiling"] = {"rank": int(config.model.dim), "fit_clips": len(fit_clips), "psnr": ceiling}
+    print(f"head ceiling (each token in the best {config.model.dim}-dim affine subspace of patch space, fitted on "
+          f"{len(fit_clips)} training clips): {ceiling['all']:.2f} / {ceiling['background']:.2f} / "
+          f"{ceiling['sprites']:.2f} dB")
   if _OUT.value:
     io_utils.atomic_write_bytes(_OUT.value, json.dumps(result, indent=2).encode())
     print(f"wrote {_OUT.value}")
