@@ -19,6 +19,7 @@ architecture can beat.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Sequence
 
@@ -77,6 +78,16 @@ class SquaredErrors:
     return out
 
 
+def clip_latents(model: inference.Model, clip: sprites_lib.Clip) -> jax.Array:
+  """The clip's true latents [1, F, h, w, C] through the model's codec."""
+  return model.codec.encode(model.codec_params, jnp.asarray(pipeline.video_to_unit_range(clip.video))[None])
+
+
+def decoded_pixels(model: inference.Model, latents: jax.Array) -> np.ndarray:
+  """Latents [1, F, h, w, C] -> the uint8 video [T, H, W, 3] they decode to."""
+  return np.asarray(inference.to_uint8(model.codec.decode(model.codec_params, latents)[0]))
+
+
 def probe(model: inference.Model, clips: Sequence[sprites_lib.Clip], timesteps: Sequence[float],
           seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
   """{f"{t:g}": {"model": {region: dB}, "scalar_skip": {region: dB}}}; the same noise for both at each t."""
@@ -90,13 +101,10 @@ def probe(model: inference.Model, clips: Sequence[sprites_lib.Clip], timesteps: 
     x0 = flow.x0_from_velocity(z_t, t_vec, network.apply({"params": params}, z_t, t_vec, cond))
     return x0, z_t
 
-  latents = [model.codec.encode(model.codec_params, jnp.asarray(pipeline.video_to_unit_range(c.video))[None])
-             for c in clips]
+  latents = [clip_latents(model, c) for c in clips]
   second_moment = float(np.mean([jnp.mean(jnp.square(z)) for z in latents]))
   errors = {t: {"model": SquaredErrors(), "scalar_skip": SquaredErrors()} for t in timesteps}
-
-  def pixels(z: jax.Array) -> np.ndarray:
-    return np.asarray(inference.to_uint8(model.codec.decode(model.codec_params, z)[0]))
+  pixels = functools.partial(decoded_pixels, model)
 
   for index, (clip, z0) in enumerate(zip(clips, latents)):
     context, _ = inference.encode_prompt(model, [clip.prompt])
@@ -143,8 +151,7 @@ def head_ceiling(model: inference.Model, fit_clips: Sequence[sprites_lib.Clip],
   """PSNR per region of `clips` with every token projected onto the best model.dim-dimensional affine subspace
   of patch space for `fit_clips`: the sharpest x0 the head's shape allows (module docstring)."""
   patch_size = model.spec.patch_size
-  encode = lambda clip: np.asarray(model.codec.encode(
-      model.codec_params, jnp.asarray(pipeline.video_to_unit_range(clip.video))[None]))
+  encode = lambda clip: np.asarray(clip_latents(model, clip))
   mean, basis = fit_token_subspace(np.concatenate([patch_tokens(encode(c), patch_size) for c in fit_clips]),
                                    int(model.config.model.dim))
   errors = SquaredErrors()
@@ -152,8 +159,7 @@ def head_ceiling(model: inference.Model, fit_clips: Sequence[sprites_lib.Clip],
     z0 = encode(clip)
     tokens = patch_tokens(z0, patch_size) - mean
     projected = from_patch_tokens((tokens @ basis.T) @ basis + mean, z0.shape, patch_size)
-    video = model.codec.decode(model.codec_params, jnp.asarray(projected, jnp.float32))[0]
-    errors.add(np.asarray(inference.to_uint8(video)), clip)
+    errors.add(decoded_pixels(model, jnp.asarray(projected, jnp.float32)), clip)
   return errors.psnr()
 
 
