@@ -67,7 +67,7 @@ def _base() -> ml_collections.ConfigDict:
   # phi_n). The paper's phi_n have unit amplitude; that suits a backbone whose patch vector is small next to
   # model.dim (Wan: 64 latent values into 1536). Where the noisy patch vector is wider than the residual stream
   # (the toy: 768 into 256), noise fills every direction of it and unit-amplitude IDs are too faint for the
-  # attention to match: see the README ("Reading track IDs") for the measurement behind a value > 1.
+  # attention to match: see docs/teacher_ids.md for the measurement behind a value > 1.
   c.model.track_input_scale = 1.0
   # Numerics and kernels.
   c.model.dtype = "float32"  # compute dtype of matmuls and attention; params are always float32

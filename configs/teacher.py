@@ -18,7 +18,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # ran slower unrolled (13.1 s a step against 10.3 s).
     c.model.scan_layers = False
   # DiT params to start from: converted Wan weights (python -m msjax.convert wan ...), a tile run that taught the
-  # toy teacher to read track IDs (python -m msjax.bench.id_routing --save_params; README "Reading track IDs"), or
+  # toy teacher to read track IDs (python -m msjax.bench.id_routing --save_params; docs/teacher_ids.md), or
   # another run's EMA params (its workdir or exported folder), to go on under a new schedule. "" = random init.
   c.init_checkpoint = ""
 

@@ -1,4 +1,4 @@
-"""The tiny teacher that follows points by their track IDs (README "Reading track IDs"), in one run.
+"""The tiny teacher that follows points by their track IDs (docs/teacher_ids.md), in one run.
 
   python -m msjax.bench.id_routing --track_input_scale 32 --steps 500 --save_params runs/tiles_x32   # ~12 min
   python train.py --config configs/teacher_ids.py          # resumes from its newest checkpoint when relaunched

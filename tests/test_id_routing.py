@@ -67,7 +67,7 @@ def test_a_short_run_reports_the_three_losses_and_saves_params_a_teacher_can_sta
 
 @pytest.mark.slow
 def test_scaled_ids_are_followed_within_500_steps():
-  """With model.track_input_scale = 32 the tiny teacher learns to fetch each tile by its IDs (README)."""
+  """With model.track_input_scale = 32 the tiny teacher learns to fetch each tile by its IDs (docs/teacher_ids.md)."""
   config = id_routing.probe_config(track_input_scale=32.0, batch_size=16, learning_rate=5e-4, seed=0)
   last = id_routing.run(config, "shuffled", steps=500, eval_every=500, eval_clips=32)[-1]
   assert last["shuffled_ids"] > 3 * last["given"]

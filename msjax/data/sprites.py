@@ -10,7 +10,7 @@ every latent frame and stays there for that latent frame. Nothing but the tracks
 and nothing but the track IDs says which sprite it is, so a model can only colour it right by matching each
 point's ID to the first frame (paper Eq. 1); in smooth motion a sprite is always near where it just was.
 `motion = "mixed"` draws smooth or jump for each clip with even odds: training on it keeps rewarding ID reading
-while the model also learns the smooth world it is evaluated on (README, "Reading track IDs").
+while the model also learns the smooth world it is evaluated on (docs/teacher_ids.md).
 
 Why the ground truth is exact:
   * Each sprite is one fixed binary stamp translated by whole pixels (no rotation, no resampling), so every
