@@ -3,6 +3,8 @@
   python -m msjax.bench.id_routing --track_input_scale 32 --steps 500 --save_params runs/tiles_x32   # ~12 min
   python train.py --config configs/teacher_ids.py          # resumes from its newest checkpoint when relaunched
 
+Its step 8,500 ships as checkpoints/tiny_teacher_ids (README "Following track IDs").
+
 `configs/teacher.py` plus what the CPU experiments found the toy teacher needs to read IDs: the track grid scaled
 32x as the track head reads it (at scale 1 the IDs drown in the noisy latent), the tile run above as the start
 (the sprite worlds alone do not start ID reading), smooth or jump clips with even odds (so reading IDs keeps

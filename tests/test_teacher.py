@@ -21,6 +21,8 @@ from msjax import inference
 from msjax.bench import stream as stream_bench
 from msjax.convert import common as convert_common
 from msjax.diffusion import flow
+from msjax.eval import generators
+from msjax.eval import sprites_eval
 from msjax.models import text as text_lib
 from msjax.models import track_head
 from msjax.models.track_head import Conditioning
@@ -31,6 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, F, H, W, C = 4, 3, 8, 8, 8
 PIXEL_FRAMES, TRACK_DIM, TEXT_LEN, TEXT_DIM = 9, 4, 3, 5
 TRAIN_TIMEOUT_S = 420
+SHIPPED_ID_TEACHER = os.path.join(REPO, "checkpoints", "tiny_teacher_ids")
 
 
 class StandInModel(nn.Module):
@@ -332,3 +335,21 @@ def test_replace_mode_puts_the_given_image_back_as_frame_zero():
   np.testing.assert_array_equal(pinned[:, 0], cond.first_latent)
   np.testing.assert_array_equal(pinned[:, 1:], clean[:, 1:])
   np.testing.assert_array_equal(teacher.pin_first_frame(clean, cond, "concat"), clean)
+
+
+def test_shipped_id_teacher_follows_the_track_ids():
+  """checkpoints/tiny_teacher_ids (configs/teacher_ids.py) puts sprites where their tracks go and loses them when
+  the IDs after frame 0 are shuffled, so the track path it was trained through still reads IDs the same way."""
+  config = teacher_ids_config.get_config()
+  config.data.sprite_motion = "smooth"
+  config.guidance.update(mode="none", sampler="renoise", num_steps=4)
+  seeds = sprites_eval.eval_seeds(8)
+  epe = {}
+  for condition in (sprites_eval.TRACKS_GIVEN, sprites_eval.TRACKS_SHUFFLED_IDS):
+    context = sprites_eval.GeneratorContext(config=config, checkpoint=SHIPPED_ID_TEACHER, seeds=tuple(seeds),
+                                            world=sprites_eval.world_config(config), track_condition=condition)
+    result = sprites_eval.evaluate(sprites_eval.make_generator(generators.TEACHER, context), seeds=seeds,
+                                   config=config, baselines=False)
+    epe[condition] = result["results"][sprites_eval.GENERATOR]["aggregate"]["epe"]["mean"]
+  assert epe[sprites_eval.TRACKS_GIVEN] < 3.0, epe
+  assert epe[sprites_eval.TRACKS_SHUFFLED_IDS] > epe[sprites_eval.TRACKS_GIVEN] + 2.0, epe
