@@ -20,6 +20,7 @@ from msjax import config_utils
 from msjax import inference
 from msjax.bench import stream as stream_bench
 from msjax.convert import common as convert_common
+from msjax.data import sprites as sprites_lib
 from msjax.diffusion import flow
 from msjax.eval import generators
 from msjax.eval import sprites_eval
@@ -341,8 +342,8 @@ def test_shipped_id_teacher_follows_the_track_ids():
   """checkpoints/tiny_teacher_ids (configs/teacher_ids.py) puts sprites where their tracks go and loses them when
   the IDs after frame 0 are shuffled, so the track path it was trained through still reads IDs the same way."""
   config = teacher_ids_config.get_config()
-  config.data.sprite_motion = "smooth"
-  config.guidance.update(mode="none", sampler="renoise", num_steps=4)
+  config.data.sprite_motion = sprites_lib.MOTION_SMOOTH
+  config.guidance.update(mode="none", sampler=teacher.RENOISE, num_steps=4)
   seeds = sprites_eval.eval_seeds(8)
   epe = {}
   for condition in (sprites_eval.TRACKS_GIVEN, sprites_eval.TRACKS_SHUFFLED_IDS):

@@ -19,7 +19,6 @@ architecture can beat.
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Sequence
 
@@ -104,7 +103,6 @@ def probe(model: inference.Model, clips: Sequence[sprites_lib.Clip], timesteps: 
   latents = [clip_latents(model, c) for c in clips]
   second_moment = float(np.mean([jnp.mean(jnp.square(z)) for z in latents]))
   errors = {t: {"model": SquaredErrors(), "scalar_skip": SquaredErrors()} for t in timesteps}
-  pixels = functools.partial(decoded_pixels, model)
 
   for index, (clip, z0) in enumerate(zip(clips, latents)):
     context, _ = inference.encode_prompt(model, [clip.prompt])
@@ -114,8 +112,8 @@ def probe(model: inference.Model, clips: Sequence[sprites_lib.Clip], timesteps: 
     for t in timesteps:
       noise = jax.random.normal(jax.random.fold_in(key, round(t * 1e6)), z0.shape, jnp.float32)
       x0, z_t = x0_estimate(model.dit_params, z0, noise, t, cond)
-      errors[t]["model"].add(pixels(x0), clip)
-      errors[t]["scalar_skip"].add(pixels(scalar_skip(t, second_moment) * z_t), clip)
+      errors[t]["model"].add(decoded_pixels(model, x0), clip)
+      errors[t]["scalar_skip"].add(decoded_pixels(model, scalar_skip(t, second_moment) * z_t), clip)
   return {f"{t:g}": {name: e.psnr() for name, e in by_name.items()} for t, by_name in errors.items()}
 
 
