@@ -117,6 +117,40 @@ def test_track_epe_measures_displacement_up_to_a_constant_offset():
   assert errors.max() > 1.0
 
 
+def _held_per_latent_frame(video: np.ndarray, temporal_stride: int) -> np.ndarray:
+  """Every frame t >= 1 replaced by the first frame of its latent frame: sprites move only between latent frames."""
+  frames = np.arange(video.shape[0])
+  first_of_latent = np.where(frames == 0, 0, 1 + (frames - 1) // temporal_stride * temporal_stride)
+  return video[first_of_latent]
+
+
+def test_motion_lead_measures_along_the_motion_and_splits_by_place_in_the_latent_frame():
+  clip = _moving_scene()  # sprite 0 moves +1 px per frame in x; sprite 1 up and left
+  frames = _everywhere(clip)
+  np.testing.assert_allclose(metrics.true_motion(clip.centroids)[:, 0], [[1.0, 0.0]] * WORLD.num_frames)
+  ahead = metrics.motion_lead(metrics.detect_sprites(_shift(clip.video, 3, 0), clip.colors), clip.centroids, frames)
+  np.testing.assert_allclose(ahead[:, 0], 3.0, atol=1e-5)
+  sideways = metrics.motion_lead(metrics.detect_sprites(_shift(clip.video, 0, 3), clip.colors), clip.centroids,
+                                 frames)
+  np.testing.assert_allclose(sideways[:, 0], 0.0, atol=1e-5)  # across the motion is not lead
+  truth = metrics.motion_lead(metrics.detect_sprites(clip.video, clip.colors), clip.centroids, frames)
+  np.testing.assert_allclose(truth, 0.0, atol=1e-5)
+  # Held still within each latent frame of 4 pixel frames: 0, 1, 2, 3 px behind at places 1-4.
+  held = metrics.detect_sprites(_held_per_latent_frame(clip.video, 4), clip.colors)
+  lead = metrics.motion_lead(held, clip.centroids, frames)
+  np.testing.assert_allclose(lead[1:, 0], -((np.arange(1, WORLD.num_frames) - 1) % 4), atol=1e-5)
+  by_place = metrics.lead_by_phase(lead, 4)
+  assert by_place.shape == (4,) and np.all(np.diff(by_place) < 0) and abs(by_place[0]) < 1e-5
+  np.testing.assert_allclose(metrics.lead_by_phase(lead[:, :1], 4), [0.0, -1.0, -2.0, -3.0], atol=1e-5)
+  np.testing.assert_allclose(metrics.lead_by_phase(lead, 1), [np.nanmean(lead[1:])])
+  # A frame left out, or a sprite too slow to have a direction, is not measured.
+  frames[5, 0] = False
+  assert np.isnan(metrics.motion_lead(held, clip.centroids, frames)[5, 0])
+  assert np.isnan(metrics.motion_lead(held, clip.centroids, _everywhere(clip), min_speed=10.0)).all()
+  with pytest.raises(ValueError, match="at least 1"):
+    metrics.lead_by_phase(lead, 0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # PSNR, SSIM.
 
@@ -236,6 +270,16 @@ def test_true_video_epe_is_near_zero_and_first_frame_epe_is_large(ten_clips):
   noisy = results[sprites_eval.GENERATOR]["aggregate"]
   assert noisy["epe"]["mean"] < 0.5 and noisy["epe_track"]["mean"] < 0.5
   assert noisy["psnr"]["mean"] < results[sprites_eval.TRUE_VIDEO]["aggregate"]["psnr"]["mean"]
+
+
+def test_motion_lead_of_the_truth_is_zero_and_the_frozen_frame_falls_behind(ten_clips):
+  results = ten_clips["results"]
+  places = [f"lead_by_phase.{p}" for p in range(4)]  # the tiny codec packs 4 pixel frames per latent frame
+  truth, frozen = results[sprites_eval.TRUE_VIDEO]["aggregate"], results[sprites_eval.FIRST_FRAME]["aggregate"]
+  for key in ["lead"] + places:
+    assert truth[key]["count"] == 10 and abs(truth[key]["mean"]) < 1e-6
+    assert frozen[key]["mean"] < -1.0, (key, frozen[key])
+  assert all("lead_by_phase.3" in group for group in results[sprites_eval.GENERATOR]["by_num_sprites"].values())
 
 
 def test_metrics_by_sprite_count_partition_the_clips(ten_clips):

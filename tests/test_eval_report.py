@@ -100,6 +100,8 @@ def test_summary_table_lists_every_generator(result):
   for name in ("generator", "first_frame", "true_video"):
     for count, group in result["results"][name]["by_num_sprites"].items():
       assert f"{name}, {count} sprite" in by_sprites and f"({group['clips']} clips)" in by_sprites
+  lead = table.split("lead along the true motion")[1]
+  assert "place 1" in lead and "place 4" in lead and "place 5" not in lead
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

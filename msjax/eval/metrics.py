@@ -36,6 +36,10 @@ SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 
+# Motion lead: the true velocity is measured over +-MOTION_WINDOW frames; slower sprites have no direction.
+MOTION_WINDOW = 2
+MIN_LEAD_SPEED = 0.5  # px per frame
+
 DRIFT_QUARTER = 4  # drift compares the first and the last 1/DRIFT_QUARTER of the frames
 
 
@@ -157,6 +161,49 @@ def centroid_epe(detected: Detection, true_centroids: np.ndarray, frames: np.nda
   errors = np.linalg.norm(detected.centroids - true_centroids, axis=-1)
   hit = frames & detected.found
   return PointErrors(errors=np.where(hit, errors, np.nan), evaluated=frames.copy(), detected=hit)
+
+
+def true_motion(true_centroids: np.ndarray, window: int = MOTION_WINDOW) -> np.ndarray:
+  """float64 [T, S, 2]: each sprite's velocity in px per frame, (c[t + w] - c[t - w]) / 2w (frames clipped to
+  the clip). Stamps move by whole pixels, so a single frame's step points along the pixel grid, not the path."""
+  chex.assert_rank(true_centroids, 3)
+  frames = np.arange(true_centroids.shape[0])
+  later = np.minimum(frames + window, frames[-1])
+  earlier = np.maximum(frames - window, 0)
+  span = np.maximum(later - earlier, 1)[:, None, None]
+  centroids = true_centroids.astype(np.float64)
+  return (centroids[later] - centroids[earlier]) / span
+
+
+def motion_lead(detected: Detection, true_centroids: np.ndarray, frames: np.ndarray,
+                min_speed: float = MIN_LEAD_SPEED) -> np.ndarray:
+  """float64 [T, S]: how far the drawn sprite is ahead (+) of or behind (-) the true one along its motion.
+
+  EPE says how far off a sprite is, not how. A generator that holds a sprite still for a few frames and then
+  catches up (say, one that moves sprites only from one latent frame to the next) is ahead early and behind late
+  in every latent frame; `lead_by_phase` shows that pattern. NaN where `frames` [T, S] leaves a frame out, the
+  sprite was not found, or it moves slower than `min_speed` px per frame (no direction to measure along).
+  """
+  chex.assert_shape(true_centroids, detected.centroids.shape)
+  chex.assert_shape(frames, detected.found.shape)
+  velocity = true_motion(true_centroids)
+  speed = np.linalg.norm(velocity, axis=-1)
+  moving = frames & detected.found & (speed >= min_speed)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    along = np.einsum("tsc,tsc->ts", detected.centroids - true_centroids, velocity) / speed
+  return np.where(moving, along, np.nan)
+
+
+def lead_by_phase(lead: np.ndarray, temporal_stride: int) -> np.ndarray:
+  """float64 [temporal_stride]: the mean `motion_lead` [T, S] over the pixel frames at each place within their
+  latent frame. Latent frame 0 holds frame 0 alone and latent frame k >= 1 frames 4k-3 .. 4k (stride 4), so
+  frame t >= 1 sits at place (t - 1) % stride. NaN where no frame at that place was measured."""
+  chex.assert_rank(lead, 2)
+  if temporal_stride < 1:
+    raise ValueError(f"temporal stride must be at least 1, got {temporal_stride}")
+  place = (np.arange(lead.shape[0]) - 1) % temporal_stride
+  later = np.arange(lead.shape[0]) >= 1
+  return np.array([nanmean(lead[later & (place == p)].ravel(), 0) for p in range(temporal_stride)], np.float64)
 
 
 def sprite_track_members(first_frame: np.ndarray, points: np.ndarray, visible: np.ndarray, colors: np.ndarray,

@@ -127,6 +127,7 @@ SUMMARY_METRICS = (("epe", "EPE px"), ("epe_track", "track EPE px"), ("epe_misse
                    ("drift.psnr.slope", "PSNR slope/frame"), ("fps", "FPS"))
 
 
+LEAD_PHASE_PREFIX = "lead_by_phase."
 BY_SPRITES_METRICS = (("epe", "EPE px"), ("epe_missed_fraction", "missed"), ("psnr", "PSNR dB"),
                       ("ssim", "SSIM"))
 
@@ -152,6 +153,15 @@ def format_summary(result: dict[str, Any]) -> str:
                 for name in results for count, group in results[name].get("by_num_sprites", {}).items()]
   if by_sprites:
     lines += ["", "by sprites per clip:"] + _table(by_sprites, BY_SPRITES_METRICS)
+  lead_rows = [(name, results[name]["aggregate"]) for name in results
+               if "lead" in results[name]["aggregate"]]
+  if lead_rows:
+    places = sorted((key for key in lead_rows[0][1] if key.startswith(LEAD_PHASE_PREFIX)),
+                    key=lambda key: int(key[len(LEAD_PHASE_PREFIX):]))
+    columns = (("lead", "all frames"),) + tuple(
+        (key, f"place {int(key[len(LEAD_PHASE_PREFIX):]) + 1}") for key in places)
+    lines += ["", "lead along the true motion, px (+ ahead, - behind), by a frame's place in its latent frame:"]
+    lines += _table(lead_rows, columns)
   across = result.get("across_sample_seeds")
   if across:
     lines += ["", f"generator over sample seeds {result['sample_seeds']} (mean +- std of the per-seed means):"]

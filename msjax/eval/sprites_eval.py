@@ -223,16 +223,19 @@ def _generated_video(output: Any, truth: ClipTruth, name: str) -> tuple[np.ndarr
   return video, None if chunk_seconds is None else [float(s) for s in chunk_seconds]
 
 
-def score_clip(video: np.ndarray, truth: ClipTruth, *, tolerance: float,
-               min_pixels: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def score_clip(video: np.ndarray, truth: ClipTruth, *, tolerance: float, min_pixels: int,
+               temporal_stride: int = 1) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """JSON-ready metrics of one generated clip over frames metrics.FIRST_SCORED_FRAME on, and its per-frame drift
-  series [T] (every frame)."""
+  series [T] (every frame). `temporal_stride` (the model codec's) splits the motion lead by a frame's place in
+  its latent frame."""
   clip = truth.clip
   scored = metrics.scored_frames(video.shape[0])
   detection = metrics.detect_sprites(video, clip.colors, tolerance=tolerance, min_pixels=min_pixels)
   epe_frames = truth.unoccluded & scored[:, None]
   centroid = metrics.centroid_epe(detection, clip.centroids, epe_frames).summary()
   track = metrics.track_epe(detection, clip.tracks, clip.visibility, truth.members, epe_frames).summary()
+  lead = metrics.motion_lead(detection, clip.centroids, epe_frames)
+  by_phase = metrics.lead_by_phase(lead, temporal_stride)
   psnr = metrics.psnr_per_frame(video, clip.video)
   ssim = metrics.ssim_per_frame(video, clip.video)
   region_error = metrics.region_color_errors(video, truth.regions, truth.region_truth)  # [T, 1 + S]
@@ -243,6 +246,8 @@ def score_clip(video: np.ndarray, truth: ClipTruth, *, tolerance: float,
   record = {
       "epe": centroid["mean"], "epe_missed_fraction": centroid["missed_fraction"], "epe_frames": centroid["frames"],
       "epe_track": track["mean"], "epe_track_missed_fraction": track["missed_fraction"],
+      "lead": float(metrics.nanmean(lead.ravel(), 0)),
+      "lead_by_phase": {str(place): float(value) for place, value in enumerate(by_phase)},
       "psnr": float(psnr[scored].mean()), "ssim": float(ssim[scored].mean()), "effect_adherence": adherence,
       "drift": {name: metrics.drift(values[scored]) for name, values in series.items()},
   }
@@ -308,7 +313,7 @@ class Sample:
 
 
 def _run(name: str, generate_fn: GenerateFn, truths: list[ClipTruth], *, tolerance: float, min_pixels: int,
-         progress: bool, keep: int) -> tuple[dict[str, Any], list[np.ndarray]]:
+         temporal_stride: int, progress: bool, keep: int) -> tuple[dict[str, Any], list[np.ndarray]]:
   """Scores one generator on every clip; returns its results and the first `keep` generated videos."""
   clips, series, kept = [], [], []
   for truth in tqdm(truths, desc=name, disable=not progress, leave=False):
@@ -318,7 +323,8 @@ def _run(name: str, generate_fn: GenerateFn, truths: list[ClipTruth], *, toleran
     output = generate_fn(clip.video[0].copy(), clip.prompt, clip_tracks(clip), num_frames)
     seconds = time.perf_counter() - start
     video, chunk_seconds = _generated_video(output, truth, name)
-    record, clip_series = score_clip(video, truth, tolerance=tolerance, min_pixels=min_pixels)
+    record, clip_series = score_clip(video, truth, tolerance=tolerance, min_pixels=min_pixels,
+                                     temporal_stride=temporal_stride)
     clips.append({"seed": truth.seed, "prompt": clip.prompt, "effect": clip.effect,
                   "num_sprites": len(clip.shapes), "metrics": record,
                   "timing": {"seconds": seconds, "fps": num_frames / seconds if seconds > 0 else math.nan,
@@ -345,6 +351,7 @@ def evaluate(generate_fn: GenerateFn, *, seeds: Sequence[int], config: ml_collec
   world = world_config(config, num_frames)
   tolerance = metrics.default_tolerance()
   min_pixels = min_detection_pixels(world)
+  temporal_stride = int(config.codec.temporal_stride)
   clips = render_clips(seeds, world)
   truths = [clip_truth(c, s, tolerance=tolerance, min_pixels=min_pixels) for c, s in zip(clips, seeds)]
   generators = {GENERATOR: generate_fn}
@@ -353,7 +360,8 @@ def evaluate(generate_fn: GenerateFn, *, seeds: Sequence[int], config: ml_collec
   results, kept = {}, {}
   for name, fn in generators.items():
     results[name], kept[name] = _run(name, fn, truths, tolerance=tolerance, min_pixels=min_pixels,
-                                     progress=progress, keep=num_samples if name == GENERATOR else 0)
+                                     temporal_stride=temporal_stride, progress=progress,
+                                     keep=num_samples if name == GENERATOR else 0)
   samples = [Sample(seed=seed, prompt=clip.prompt, true_video=clip.video, generated=video,
                     baseline=first_frame_generator(clip.video[0], clip.prompt, clip_tracks(clip),
                                                    clip.video.shape[0]),
