@@ -36,6 +36,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # them apart (a diagnostic for ID following; msjax.data.sprites). mixed: smooth or jump per clip, even odds
   # (keeps ID reading rewarded while training for the smooth world). Also read by msjax.eval.
   c.data.sprite_motion = "smooth"
+  # jump clips whose sprites also move within each latent frame (msjax.data.sprites; docs/teacher_ids.md)
+  c.data.jump_drift = False
 
   c.flow = ml_collections.ConfigDict()
   c.flow.shift = 6.0  # timestep shift k (paper: 6.0)

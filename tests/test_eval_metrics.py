@@ -139,16 +139,16 @@ def test_motion_lead_measures_along_the_motion_and_splits_by_place_in_the_latent
   held = metrics.detect_sprites(_held_per_latent_frame(clip.video, 4), clip.colors)
   lead = metrics.motion_lead(held, clip.centroids, frames)
   np.testing.assert_allclose(lead[1:, 0], -((np.arange(1, WORLD.num_frames) - 1) % 4), atol=1e-5)
-  by_place = metrics.lead_by_phase(lead, 4)
+  by_place = metrics.lead_by_place(lead, 4)
   assert by_place.shape == (4,) and np.all(np.diff(by_place) < 0) and abs(by_place[0]) < 1e-5
-  np.testing.assert_allclose(metrics.lead_by_phase(lead[:, :1], 4), [0.0, -1.0, -2.0, -3.0], atol=1e-5)
-  np.testing.assert_allclose(metrics.lead_by_phase(lead, 1), [np.nanmean(lead[1:])])
+  np.testing.assert_allclose(metrics.lead_by_place(lead[:, :1], 4), [0.0, -1.0, -2.0, -3.0], atol=1e-5)
+  np.testing.assert_allclose(metrics.lead_by_place(lead, 1), [np.nanmean(lead[1:])])
   # A frame left out, or a sprite too slow to have a direction, is not measured.
   frames[5, 0] = False
   assert np.isnan(metrics.motion_lead(held, clip.centroids, frames)[5, 0])
   assert np.isnan(metrics.motion_lead(held, clip.centroids, _everywhere(clip), min_speed=10.0)).all()
   with pytest.raises(ValueError, match="at least 1"):
-    metrics.lead_by_phase(lead, 0)
+    metrics.lead_by_place(lead, 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -274,12 +274,12 @@ def test_true_video_epe_is_near_zero_and_first_frame_epe_is_large(ten_clips):
 
 def test_motion_lead_of_the_truth_is_zero_and_the_frozen_frame_falls_behind(ten_clips):
   results = ten_clips["results"]
-  places = [f"lead_by_phase.{p}" for p in range(4)]  # the tiny codec packs 4 pixel frames per latent frame
+  places = [f"lead_by_place.{p}" for p in range(4)]  # the tiny codec packs 4 pixel frames per latent frame
   truth, frozen = results[sprites_eval.TRUE_VIDEO]["aggregate"], results[sprites_eval.FIRST_FRAME]["aggregate"]
   for key in ["lead"] + places:
     assert truth[key]["count"] == 10 and abs(truth[key]["mean"]) < 1e-6
     assert frozen[key]["mean"] < -1.0, (key, frozen[key])
-  assert all("lead_by_phase.3" in group for group in results[sprites_eval.GENERATOR]["by_num_sprites"].values())
+  assert all("lead_by_place.3" in group for group in results[sprites_eval.GENERATOR]["by_num_sprites"].values())
 
 
 def test_metrics_by_sprite_count_partition_the_clips(ten_clips):
@@ -347,7 +347,7 @@ def test_generator_registry():
   np.testing.assert_array_equal(oracle(clip.video[0], clip.prompt, None, WORLD.num_frames), clip.video)
   with pytest.raises(sprites_eval.GeneratorError, match="unknown generator 'nope'.*first_frame"):
     sprites_eval.make_generator("nope", context)
-  with pytest.raises(sprites_eval.GeneratorError, match="track condition must be one of given, shuffled_ids, none"):
+  with pytest.raises(sprites_eval.GeneratorError, match="track condition must be one of given, shuffled_ids, none, latent_means"):
     sprites_eval.GeneratorContext(config=models.tiny(), checkpoint="", world=WORLD, seeds=(1,), track_condition="x")
   with pytest.raises(ValueError, match="already registered"):
     sprites_eval.register_generator("first_frame", lambda c: None)

@@ -154,7 +154,8 @@ def test_shuffled_track_grid_keeps_frame_zero_and_the_occupied_cells():
   assert not np.allclose(shuffled[1:], given[1:])
 
 
-@pytest.mark.parametrize("condition", [sprites_eval.TRACKS_SHUFFLED_IDS, sprites_eval.TRACKS_NONE])
+@pytest.mark.parametrize("condition", [sprites_eval.TRACKS_SHUFFLED_IDS, sprites_eval.TRACKS_NONE,
+                                       sprites_eval.TRACKS_LATENT_MEANS])
 def test_teacher_generator_runs_the_track_ablations_and_the_student_refuses_them(exported, condition):
   config, _, out = exported
   config.guidance = generators.guidance_config(config).copy_and_resolve_references()

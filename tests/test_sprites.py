@@ -127,6 +127,25 @@ def test_jumping_sprites_hold_each_latent_frame_and_move_between_them():
   assert jumps >= 0.8 * possible_jumps
 
 
+def test_drifting_jump_clips_jump_at_the_same_places_then_move_within_each_latent_frame():
+  """`jump_drift` keeps the places jumped to (drawn first) and adds steps of smooth-clip size inside latent frames."""
+  drifting = dataclasses.replace(JUMP, jump_drift=True)
+  config = teacher_config.get_config()
+  config.data.jump_drift = True
+  assert sprites.SpritesConfig.from_config(config).jump_drift
+  moved = 0
+  for seed in SEEDS:
+    held = _per_latent_frame(sprites.random_scene(seed, JUMP).centres, JUMP)
+    drift = _per_latent_frame(sprites.random_scene(seed, drifting).centres, drifting)
+    for still, moving in zip(held, drift):
+      np.testing.assert_array_equal(still[0], moving[0])  # the jump lands where the held clip's does
+      steps = np.abs(np.diff(moving, axis=0))
+      assert steps.max(initial=0) <= 2  # at most 1.5 px per frame, rounded
+      moved += int((steps.sum(-1) > 0).any(axis=0).sum())
+  later_latent = config_utils.latent_frames(JUMP.num_frames, JUMP.temporal_stride) - 1
+  assert moved >= 0.8 * later_latent * sum(len(sprites.random_scene(s, JUMP).shapes) for s in SEEDS)
+
+
 def _held_every_latent_frame(seed: int, config: sprites.SpritesConfig) -> bool:
   """Whether every sprite centre stays put within each latent frame after frame 0 (jump motion's mark)."""
   later = _per_latent_frame(sprites.random_scene(seed, config).centres, config)[1:]

@@ -392,6 +392,20 @@ def test_shuffle_later_ids_moves_ids_between_points_after_frame_zero_only():
     tracks_lib.shuffle_later_ids(points, visible, np.array([0, 0, 1, 2]))
 
 
+def test_latent_frame_means_hold_each_latent_frame_at_its_mean_place():
+  velocity = np.array([[1.0, 0.5], [0.0, -2.0]], np.float32)  # px per frame of 2 tracks
+  points = 10 + np.arange(9, dtype=np.float32)[:, None, None] * velocity  # frame 0, then 2 latent frames of 4
+  held = tracks_lib.latent_frame_means(points, 4)
+  assert held.shape == points.shape and held.dtype == points.dtype
+  np.testing.assert_array_equal(held[0], points[0])
+  np.testing.assert_allclose(held[1:5], np.broadcast_to(points[1:5].mean(axis=0), (4, 2, 2)))
+  np.testing.assert_allclose(held[5:], np.broadcast_to(points[5:].mean(axis=0), (4, 2, 2)))
+  assert not np.allclose(held, points)
+  np.testing.assert_array_equal(tracks_lib.latent_frame_means(points, 1), points)
+  with pytest.raises(ValueError, match="9 frames do not split"):
+    tracks_lib.latent_frame_means(points, 3)
+
+
 def test_chunk_frame_ranges_cover_the_clip_exactly():
   ranges = tracks_lib.chunk_frame_ranges(45, 3, 4)
   assert ranges == [(0, 9), (9, 21), (21, 33), (33, 45)]

@@ -57,9 +57,10 @@ def test_probe_on_a_random_model_reports_every_region_and_an_exact_reference():
   result = x0_probe.probe(model, clips, [0.9, 0.01])
   assert set(result) == {"0.9", "0.01"}
   for rows in result.values():
-    assert set(rows) == {"model", "scalar_skip"}
-    for psnr in rows.values():
+    assert set(rows) == {"model", "scalar_skip", "motion"}
+    for psnr in (rows["model"], rows["scalar_skip"]):
       assert set(psnr) == set(x0_probe.REGIONS) and all(np.isfinite(list(psnr.values())))
+    assert len(rows["motion"]["lead_by_place"]) == config.codec.temporal_stride
   # Nearly clean input: rescaling alone recovers the clip; at t = 0.9 it cannot.
   assert result["0.01"]["scalar_skip"]["all"] > 35.0
   assert result["0.9"]["scalar_skip"]["all"] < 20.0
@@ -99,12 +100,16 @@ def test_head_ceiling_rises_with_the_models_width():
   world = sprites_eval.world_config(config)
   fit_clips, clips = sprites_eval.render_clips(range(20), world), sprites_eval.render_clips(
       sprites_eval.eval_seeds(2), world)
-  narrow = x0_probe.head_ceiling(model, fit_clips, clips)
+  narrow, _ = x0_probe.head_ceiling(model, fit_clips, clips)
   wide_config = config.copy_and_resolve_references()
   wide_config.model.dim = 2 * 2 * config.codec.latent_channels  # the whole patch space: nothing is lost
-  full = x0_probe.head_ceiling(dataclasses.replace(model, config=wide_config), fit_clips, clips)
+  full, full_motion = x0_probe.head_ceiling(dataclasses.replace(model, config=wide_config), fit_clips, clips)
   assert set(narrow) == set(x0_probe.REGIONS) and 15.0 < narrow["all"] < full["all"]
   assert full["all"] > 50.0
+  # Nothing lost, nothing moved: the sprites are found where they are, with no lead at any place.
+  assert full_motion["epe"] < 0.05
+  lead = np.array(full_motion["lead_by_place"])
+  assert np.isfinite(lead).any() and np.nanmax(np.abs(lead)) < 0.05
 
 
 def test_cli_writes_the_table_and_refuses_bad_timesteps(tmp_path):
@@ -123,7 +128,8 @@ def test_cli_writes_the_table_and_refuses_bad_timesteps(tmp_path):
                         check=False)
   assert done.returncode == 0, done.stderr
   report = json.loads(out.read_text())
-  assert set(report["0.5"]) == {"model", "scalar_skip"}
+  assert set(report["0.5"]) == {"model", "scalar_skip", "motion"}
+  assert set(report["head_ceiling"]["motion"]) == {"epe", "lead_by_place"}
   assert report["head_ceiling"]["rank"] == 32 and report["head_ceiling"]["fit_clips"] == 3
   assert set(report["head_ceiling"]["psnr"]) == set(x0_probe.REGIONS) and "head ceiling" in done.stdout
   bad = subprocess.run([sys.executable, "-m", "msjax.eval.x0_probe", *flags, "--timesteps", "0,0.5"],

@@ -9,6 +9,9 @@ effect changes the background colour over time, giving text guidance something t
 every latent frame and stays there for that latent frame. Nothing but the tracks then says where a sprite is,
 and nothing but the track IDs says which sprite it is, so a model can only colour it right by matching each
 point's ID to the first frame (paper Eq. 1); in smooth motion a sprite is always near where it just was.
+With `jump_drift` each sprite also moves on from its new place at a random velocity (the smooth clips' speeds, any
+direction) over the latent frame's pixel frames, so only each frame's tracks say where it goes within a latent
+frame (see "Sprites held still within latent frames" in docs/teacher_ids.md).
 `motion = "mixed"` draws smooth or jump for each clip with even odds: training on it keeps rewarding ID reading
 while the model also learns the smooth world it is evaluated on (docs/teacher_ids.md).
 
@@ -95,6 +98,7 @@ class SpritesConfig:
   accel_frac: float = 0.12 / 64  # std of the per-frame random acceleration before smoothing
   accel_smoothing: int = 9  # frames of the moving average that makes the acceleration smooth
   motion: str = MOTION_SMOOTH  # smooth | jump | mixed (module docstring)
+  jump_drift: bool = False  # jump clips' sprites also move within each latent frame (module docstring)
 
   def __post_init__(self):
     config_utils.latent_frames(self.num_frames, self.temporal_stride)  # raises ConfigError if not 1 + s*k
@@ -126,8 +130,10 @@ class SpritesConfig:
     from `config.data.sprite_motion` where the config has it (smooth otherwise)."""
     data = config.get("data")
     motion = data.get("sprite_motion", MOTION_SMOOTH) if data is not None else MOTION_SMOOTH
+    jump_drift = bool(data.get("jump_drift", False)) if data is not None else False
     return cls(height=config.video.height, width=config.video.width, num_frames=config.video.num_frames,
-               temporal_stride=config.codec.temporal_stride, grid=config.tracks.grid, motion=motion)
+               temporal_stride=config.codec.temporal_stride, grid=config.tracks.grid, motion=motion,
+               jump_drift=jump_drift)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,13 +232,23 @@ def _random_paths(rng: np.random.Generator, config: SpritesConfig, half_sizes: n
 
 
 def _jump_paths(rng: np.random.Generator, config: SpritesConfig, half_sizes: np.ndarray) -> np.ndarray:
-  """[T, S, 2] integer centre pixels (x, y): a uniform random place per latent frame, held for its pixel frames."""
+  """[T, S, 2] integer centre pixels (x, y): a uniform random place per latent frame, held for its pixel frames,
+  or with `jump_drift` left at a random velocity (smooth clips' speeds, any direction) over them."""
   low, high = _centre_range(config, half_sizes)
+  num_sprites = len(half_sizes)
   num_latent = config_utils.latent_frames(config.num_frames, config.temporal_stride)
-  places = rng.integers(low, high + 1, size=(num_latent, len(half_sizes), 2))  # [F, S, 2]
+  places = rng.integers(low, high + 1, size=(num_latent, num_sprites, 2))  # [F, S, 2]
   stride = config.temporal_stride
-  latent_of_frame = (np.arange(config.num_frames) + stride - 1) // stride  # frame 0 alone, then stride each
-  return places[latent_of_frame].astype(np.int32)
+  frames = np.arange(config.num_frames)
+  latent_of_frame = (frames + stride - 1) // stride  # frame 0 alone, then stride each
+  if not config.jump_drift:
+    return places[latent_of_frame].astype(np.int32)
+  speed = rng.uniform(config.min_speed_frac, config.max_speed_frac, (num_latent, num_sprites)) * config.scale
+  angle = rng.uniform(0, 2 * np.pi, (num_latent, num_sprites))
+  velocity = speed[..., None] * np.stack([np.cos(angle), np.sin(angle)], axis=-1)  # [F, S, 2]
+  steps = np.where(frames == 0, 0, (frames - 1) % stride)[:, None, None]  # pixel frames since the jump
+  path = places[latent_of_frame] + steps * velocity[latent_of_frame]
+  return np.rint(_fold(path, low[None], high[None])).astype(np.int32)
 
 
 def random_scene(seed: int, config: SpritesConfig = SpritesConfig()) -> Scene:

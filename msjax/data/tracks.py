@@ -269,6 +269,18 @@ def shuffle_later_ids(points: np.ndarray, visible: np.ndarray, order: np.ndarray
   return (np.concatenate([points[:1], points[1:, order]]), np.concatenate([visible[:1], visible[1:, order]]))
 
 
+def latent_frame_means(points: np.ndarray, temporal_stride: int) -> np.ndarray:
+  """[T, N, 2] points with each latent frame's pixel frames (frame 0 alone, then `temporal_stride` each) all at
+  their mean place. Rasterised, these tracks say where each point is per latent frame but not how it moves
+  within one: the ablation that shows whether a model reads that motion from the tracks."""
+  chex.assert_rank(points, 3)
+  if temporal_stride < 1 or (points.shape[0] - 1) % temporal_stride:
+    raise ValueError(f"{points.shape[0]} frames do not split into frame 0 and latent frames of {temporal_stride}")
+  later = points[1:].reshape(-1, temporal_stride, *points.shape[1:])
+  means = np.broadcast_to(later.mean(axis=1, keepdims=True), later.shape).reshape(points[1:].shape)
+  return np.concatenate([points[:1], means]).astype(points.dtype)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Rasterisation (paper Eq. 1).
 

@@ -8,7 +8,9 @@ Generators are looked up in the registry of `msjax.eval.register_generator`; `fi
 are built in; the model generators of `msjax.eval.generators` (teacher, student) are imported by default, and other
 modules can register theirs (name them in --generator_modules). `--track_condition shuffled_ids` or `none`
 gives the teacher its tracks with the IDs after frame 0 shuffled, or no tracks: set against `given`, they show
-whether the model follows a point by its ID or only reads where points are. `--sample_seeds 0,1,2` scores the
+whether the model follows a point by its ID or only reads where points are; `latent_means` holds each latent
+frame's points at their mean place, which shows whether it reads how they move within a latent frame (compare
+the reports' motion lead by place). `--sample_seeds 0,1,2` scores the
 generator once per sampling seed and reports the spread, for claims near a target.
 """
 
@@ -34,7 +36,8 @@ _TRACK_CONDITION = flags.DEFINE_enum("track_condition", sprites_eval.TRACKS_GIVE
                                      sprites_eval.TRACK_CONDITIONS,
                                      "Motion condition of the teacher generator: the tracks as given, with "
                                      "the IDs after frame 0 shuffled (does the model follow points by their "
-                                     "IDs?), or none.")
+                                     "IDs?), none, or latent_means: each latent frame's points held at their "
+                                     "mean place (does the model read motion within a latent frame?).")
 _NUM_CLIPS = flags.DEFINE_integer("num_clips", 100, "Held-out clips to evaluate.")
 _SEED_START = flags.DEFINE_integer("seed_start", sprites_eval.EVAL_SEED_START, "First held-out seed.")
 _NUM_FRAMES = flags.DEFINE_integer("num_frames", 0, "Frames per clip (1 + 4k); 0 = the config's length.")

@@ -2,8 +2,9 @@
 
   teacher   the bidirectional teacher over the whole clip: `config.guidance.sampler` (euler | renoise) over
             `config.guidance.num_steps` shifted steps with `config.guidance.mode` guidance (joint | cfg | none),
-            text and motion scales from the config; the tracks as given, with shuffled IDs, or none (the
-            context's `track_condition`: ablations that show what the model reads from them).
+            text and motion scales from the config; the tracks as given, with shuffled IDs, none, or held
+            still within latent frames (the context's `track_condition`: ablations that show what the model
+            reads from them).
   student   the causal student through the streaming sampler itself (`config.stream`: chunk, sink, window,
             steps, RoPE mode), chunk by chunk; the report gets each chunk's latency too.
 
@@ -84,6 +85,9 @@ def teacher_generator(context: sprites_eval.GeneratorContext) -> sprites_eval.Ge
     clip_seed = _clip_seed(seed, first_frame)
     context_emb, null = inference.encode_prompt(model, [prompt])
     shuffled = context.track_condition == sprites_eval.TRACKS_SHUFFLED_IDS
+    if context.track_condition == sprites_eval.TRACKS_LATENT_MEANS:
+      tracks = tracks_lib.Tracks(
+          points=tracks_lib.latent_frame_means(tracks.points, config.codec.temporal_stride), visible=tracks.visible)
     grid = None if context.track_condition == sprites_eval.TRACKS_NONE else inference.track_grid(
         tracks, config, seed=clip_seed, shuffle_later_ids=shuffled)
     cond = inference.conditioning(model, context_emb, inference.first_latent(model, first_frame), grid)

@@ -181,7 +181,7 @@ def motion_lead(detected: Detection, true_centroids: np.ndarray, frames: np.ndar
 
   EPE says how far off a sprite is, not how. A generator that holds a sprite still for a few frames and then
   catches up (say, one that moves sprites only from one latent frame to the next) is ahead early and behind late
-  in every latent frame; `lead_by_phase` shows that pattern. NaN where `frames` [T, S] leaves a frame out, the
+  in every latent frame; `lead_by_place` shows that pattern. NaN where `frames` [T, S] leaves a frame out, the
   sprite was not found, or it moves slower than `min_speed` px per frame (no direction to measure along).
   """
   chex.assert_shape(true_centroids, detected.centroids.shape)
@@ -194,7 +194,7 @@ def motion_lead(detected: Detection, true_centroids: np.ndarray, frames: np.ndar
   return np.where(moving, along, np.nan)
 
 
-def lead_by_phase(lead: np.ndarray, temporal_stride: int) -> np.ndarray:
+def lead_by_place(lead: np.ndarray, temporal_stride: int) -> np.ndarray:
   """float64 [temporal_stride]: the mean `motion_lead` [T, S] over the pixel frames at each place within their
   latent frame. Latent frame 0 holds frame 0 alone and latent frame k >= 1 frames 4k-3 .. 4k (stride 4), so
   frame t >= 1 sits at place (t - 1) % stride. NaN where no frame at that place was measured."""

@@ -127,7 +127,7 @@ SUMMARY_METRICS = (("epe", "EPE px"), ("epe_track", "track EPE px"), ("epe_misse
                    ("drift.psnr.slope", "PSNR slope/frame"), ("fps", "FPS"))
 
 
-LEAD_PHASE_PREFIX = "lead_by_phase."
+LEAD_PLACE_PREFIX = "lead_by_place."
 BY_SPRITES_METRICS = (("epe", "EPE px"), ("epe_missed_fraction", "missed"), ("psnr", "PSNR dB"),
                       ("ssim", "SSIM"))
 
@@ -156,10 +156,10 @@ def format_summary(result: dict[str, Any]) -> str:
   lead_rows = [(name, results[name]["aggregate"]) for name in results
                if "lead" in results[name]["aggregate"]]
   if lead_rows:
-    places = sorted((key for key in lead_rows[0][1] if key.startswith(LEAD_PHASE_PREFIX)),
-                    key=lambda key: int(key[len(LEAD_PHASE_PREFIX):]))
+    places = sorted((key for key in lead_rows[0][1] if key.startswith(LEAD_PLACE_PREFIX)),
+                    key=lambda key: int(key[len(LEAD_PLACE_PREFIX):]))
     columns = (("lead", "all frames"),) + tuple(
-        (key, f"place {int(key[len(LEAD_PHASE_PREFIX):]) + 1}") for key in places)
+        (key, f"place {int(key[len(LEAD_PLACE_PREFIX):]) + 1}") for key in places)
     lines += ["", "lead along the true motion, px (+ ahead, - behind), by a frame's place in its latent frame:"]
     lines += _table(lead_rows, columns)
   across = result.get("across_sample_seeds")

@@ -41,7 +41,8 @@ DRIFT_SERIES = ("psnr", "background_error", "sprite_error")
 TRACKS_GIVEN = "given"
 TRACKS_SHUFFLED_IDS = "shuffled_ids"
 TRACKS_NONE = "none"
-TRACK_CONDITIONS = (TRACKS_GIVEN, TRACKS_SHUFFLED_IDS, TRACKS_NONE)
+TRACKS_LATENT_MEANS = "latent_means"
+TRACK_CONDITIONS = (TRACKS_GIVEN, TRACKS_SHUFFLED_IDS, TRACKS_NONE, TRACKS_LATENT_MEANS)
 
 GenerateFn = Callable[[np.ndarray, str, tracks_lib.Tracks, int], Any]
 
@@ -134,7 +135,9 @@ class GeneratorContext:
 
   `track_condition` is how a model generator turns the true tracks into its motion condition
   (TRACK_CONDITIONS): as given; with the IDs of the frames after the first shuffled (`inference.track_grid`),
-  which tells whether the model follows a point by its ID; or none at all (the null motion condition).
+  which tells whether the model follows a point by its ID; none at all (the null motion condition); or with
+  each latent frame's points held at their mean place (`tracks.latent_frame_means`), which tells whether the
+  model reads how points move within a latent frame.
   """
   config: ml_collections.ConfigDict
   checkpoint: str
@@ -235,7 +238,7 @@ def score_clip(video: np.ndarray, truth: ClipTruth, *, tolerance: float, min_pix
   centroid = metrics.centroid_epe(detection, clip.centroids, epe_frames).summary()
   track = metrics.track_epe(detection, clip.tracks, clip.visibility, truth.members, epe_frames).summary()
   lead = metrics.motion_lead(detection, clip.centroids, epe_frames)
-  by_phase = metrics.lead_by_phase(lead, temporal_stride)
+  by_place = metrics.lead_by_place(lead, temporal_stride)
   psnr = metrics.psnr_per_frame(video, clip.video)
   ssim = metrics.ssim_per_frame(video, clip.video)
   region_error = metrics.region_color_errors(video, truth.regions, truth.region_truth)  # [T, 1 + S]
@@ -247,7 +250,7 @@ def score_clip(video: np.ndarray, truth: ClipTruth, *, tolerance: float, min_pix
       "epe": centroid["mean"], "epe_missed_fraction": centroid["missed_fraction"], "epe_frames": centroid["frames"],
       "epe_track": track["mean"], "epe_track_missed_fraction": track["missed_fraction"],
       "lead": float(metrics.nanmean(lead.ravel(), 0)),
-      "lead_by_phase": {str(place): float(value) for place, value in enumerate(by_phase)},
+      "lead_by_place": {str(place): float(value) for place, value in enumerate(by_place)},
       "psnr": float(psnr[scored].mean()), "ssim": float(ssim[scored].mean()), "effect_adherence": adherence,
       "drift": {name: metrics.drift(values[scored]) for name, values in series.items()},
   }

@@ -19,8 +19,9 @@ architecture can beat.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Sequence
+from typing import Any, Sequence
 
 from absl import app, flags, logging
 import chex
@@ -77,6 +78,29 @@ class SquaredErrors:
     return out
 
 
+class MotionScores:
+  """Where the x0 estimates put the sprites: the eval's EPE and motion lead by place in the latent frame, per clip
+  (`sprites_eval.score_clip`), averaged over clips."""
+
+  def __init__(self, world: sprites_lib.SpritesConfig):
+    self.tolerance = metrics.default_tolerance()
+    self.min_pixels = sprites_eval.min_detection_pixels(world)
+    self.temporal_stride = world.temporal_stride
+    self.epe, self.lead = [], []
+
+  def add(self, video: np.ndarray, clip: sprites_lib.Clip) -> None:
+    truth = sprites_eval.clip_truth(clip, 0, tolerance=self.tolerance, min_pixels=self.min_pixels)
+    record, _ = sprites_eval.score_clip(video, truth, tolerance=self.tolerance, min_pixels=self.min_pixels,
+                                        temporal_stride=self.temporal_stride)
+    self.epe.append(record["epe"])
+    self.lead.append([record["lead_by_place"][str(p)] for p in range(self.temporal_stride)])
+
+  def summary(self) -> dict[str, float | list[float]]:
+    """{"epe": px, "lead_by_place": [px per place]}: means over the clips where each was measured."""
+    return {"epe": float(metrics.nanmean(np.array(self.epe, np.float64), 0)),
+            "lead_by_place": metrics.nanmean(np.array(self.lead, np.float64), 0).tolist()}
+
+
 def clip_latents(model: inference.Model, clip: sprites_lib.Clip) -> jax.Array:
   """The clip's true latents [1, F, h, w, C] through the model's codec."""
   return model.codec.encode(model.codec_params, jnp.asarray(pipeline.video_to_unit_range(clip.video))[None])
@@ -88,8 +112,9 @@ def decoded_pixels(model: inference.Model, latents: jax.Array) -> np.ndarray:
 
 
 def probe(model: inference.Model, clips: Sequence[sprites_lib.Clip], timesteps: Sequence[float],
-          seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
-  """{f"{t:g}": {"model": {region: dB}, "scalar_skip": {region: dB}}}; the same noise for both at each t."""
+          seed: int = 0) -> dict[str, dict[str, dict[str, Any]]]:
+  """{f"{t:g}": {"model": {region: dB}, "scalar_skip": {region: dB}, "motion": `MotionScores.summary` of the
+  model's estimates}}; the same noise for both at each t."""
   network = dit.WanDiT(model.spec)
   config = model.config
 
@@ -103,6 +128,8 @@ def probe(model: inference.Model, clips: Sequence[sprites_lib.Clip], timesteps: 
   latents = [clip_latents(model, c) for c in clips]
   second_moment = float(np.mean([jnp.mean(jnp.square(z)) for z in latents]))
   errors = {t: {"model": SquaredErrors(), "scalar_skip": SquaredErrors()} for t in timesteps}
+  world = dataclasses.replace(sprites_eval.world_config(config), num_frames=clips[0].video.shape[0])
+  motion = {t: MotionScores(world) for t in timesteps}
 
   for index, (clip, z0) in enumerate(zip(clips, latents)):
     context, _ = inference.encode_prompt(model, [clip.prompt])
@@ -112,9 +139,12 @@ def probe(model: inference.Model, clips: Sequence[sprites_lib.Clip], timesteps: 
     for t in timesteps:
       noise = jax.random.normal(jax.random.fold_in(key, round(t * 1e6)), z0.shape, jnp.float32)
       x0, z_t = x0_estimate(model.dit_params, z0, noise, t, cond)
-      errors[t]["model"].add(decoded_pixels(model, x0), clip)
+      video = decoded_pixels(model, x0)
+      errors[t]["model"].add(video, clip)
+      motion[t].add(video, clip)
       errors[t]["scalar_skip"].add(decoded_pixels(model, scalar_skip(t, second_moment) * z_t), clip)
-  return {f"{t:g}": {name: e.psnr() for name, e in by_name.items()} for t, by_name in errors.items()}
+  return {f"{t:g}": {**{name: e.psnr() for name, e in by_name.items()}, "motion": motion[t].summary()}
+          for t, by_name in errors.items()}
 
 
 def patch_tokens(latents: np.ndarray, patch_size: Sequence[int]) -> np.ndarray:
@@ -145,28 +175,39 @@ def fit_token_subspace(tokens: np.ndarray, rank: int) -> tuple[np.ndarray, np.nd
 
 
 def head_ceiling(model: inference.Model, fit_clips: Sequence[sprites_lib.Clip],
-                 clips: Sequence[sprites_lib.Clip]) -> dict[str, float]:
+                 clips: Sequence[sprites_lib.Clip]) -> tuple[dict[str, float], dict[str, Any]]:
   """PSNR per region of `clips` with every token projected onto the best model.dim-dimensional affine subspace
-  of patch space for `fit_clips`: the sharpest x0 the head's shape allows (module docstring)."""
+  of patch space for `fit_clips`: the sharpest x0 the head's shape allows (module docstring). Also the
+  projected clips' `MotionScores.summary`: whether the head's shape alone holds sprites still or off track."""
   patch_size = model.spec.patch_size
   encode = lambda clip: np.asarray(clip_latents(model, clip))
   mean, basis = fit_token_subspace(np.concatenate([patch_tokens(encode(c), patch_size) for c in fit_clips]),
                                    int(model.config.model.dim))
   errors = SquaredErrors()
+  motion = MotionScores(dataclasses.replace(sprites_eval.world_config(model.config),
+                                            num_frames=clips[0].video.shape[0]))
   for clip in clips:
     z0 = encode(clip)
     tokens = patch_tokens(z0, patch_size) - mean
     projected = from_patch_tokens((tokens @ basis.T) @ basis + mean, z0.shape, patch_size)
-    errors.add(decoded_pixels(model, jnp.asarray(projected, jnp.float32)), clip)
-  return errors.psnr()
+    video = decoded_pixels(model, jnp.asarray(projected, jnp.float32))
+    errors.add(video, clip)
+    motion.add(video, clip)
+  return errors.psnr(), motion.summary()
 
 
-def format_table(result: dict[str, dict[str, dict[str, float]]]) -> str:
-  lines = ["t        model: all / background / sprites dB    scalar rescaling of z_t: all / background / sprites dB"]
+def format_lead(lead_by_place: Sequence[float]) -> str:
+  return " / ".join(f"{value:+.2f}" for value in lead_by_place)
+
+
+def format_table(result: dict[str, dict[str, dict[str, Any]]]) -> str:
+  lines = ["t        model: all / background / sprites dB    scalar rescaling of z_t: all / background / sprites dB"
+           "    model: EPE px, lead along the motion by place in the latent frame px"]
   for t, rows in result.items():
-    m, s = rows["model"], rows["scalar_skip"]
+    m, s, motion = rows["model"], rows["scalar_skip"], rows["motion"]
     lines.append(f"{t:<8s} {m['all']:6.2f} / {m['background']:6.2f} / {m['sprites']:6.2f}"
-                 f"                     {s['all']:6.2f} / {s['background']:6.2f} / {s['sprites']:6.2f}")
+                 f"                     {s['all']:6.2f} / {s['background']:6.2f} / {s['sprites']:6.2f}"
+                 f"                                   {motion['epe']:5.2f}, {format_lead(motion['lead_by_place'])}")
   return "\n".join(lines)
 
 
@@ -208,11 +249,13 @@ def main(argv: list[str]) -> None:
   print(format_table(result))
   if _CEILING_CLIPS.value > 0:
     fit_clips = sprites_eval.render_clips(range(_CEILING_CLIPS.value), sprites_eval.world_config(config))
-    ceiling = head_ceiling(model, fit_clips, clips)
-    result["head_ceiling"] = {"rank": int(config.model.dim), "fit_clips": len(fit_clips), "psnr": ceiling}
+    ceiling, ceiling_motion = head_ceiling(model, fit_clips, clips)
+    result["head_ceiling"] = {"rank": int(config.model.dim), "fit_clips": len(fit_clips), "psnr": ceiling,
+                              "motion": ceiling_motion}
     print(f"head ceiling (each token in the best {config.model.dim}-dim affine subspace of patch space, fitted on "
           f"{len(fit_clips)} training clips): {ceiling['all']:.2f} / {ceiling['background']:.2f} / "
-          f"{ceiling['sprites']:.2f} dB")
+          f"{ceiling['sprites']:.2f} dB, EPE {ceiling_motion['epe']:.2f} px, lead by place "
+          f"{format_lead(ceiling_motion['lead_by_place'])}")
   if _OUT.value:
     io_utils.atomic_write_bytes(_OUT.value, json.dumps(result, indent=2).encode())
     print(f"wrote {_OUT.value}")
