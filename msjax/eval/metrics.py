@@ -164,8 +164,9 @@ def centroid_epe(detected: Detection, true_centroids: np.ndarray, frames: np.nda
 
 
 def true_motion(true_centroids: np.ndarray, window: int = MOTION_WINDOW) -> np.ndarray:
-  """float64 [T, S, 2]: each sprite's velocity in px per frame, (c[t + w] - c[t - w]) / 2w (frames clipped to
-  the clip). Stamps move by whole pixels, so a single frame's step points along the pixel grid, not the path."""
+  """float64 [T, S, 2]: each sprite's velocity in px per frame, c[t + w] - c[t - w] over the frames between them
+  (clipped to the clip). Stamps move by whole pixels, so one frame's step points along the pixel grid, not the
+  path. In jump clips the window spans jumps, so there this (and the lead along it) means little."""
   chex.assert_rank(true_centroids, 3)
   frames = np.arange(true_centroids.shape[0])
   later = np.minimum(frames + window, frames[-1])
@@ -197,7 +198,8 @@ def motion_lead(detected: Detection, true_centroids: np.ndarray, frames: np.ndar
 def lead_by_place(lead: np.ndarray, temporal_stride: int) -> np.ndarray:
   """float64 [temporal_stride]: the mean `motion_lead` [T, S] over the pixel frames at each place within their
   latent frame. Latent frame 0 holds frame 0 alone and latent frame k >= 1 frames 4k-3 .. 4k (stride 4), so
-  frame t >= 1 sits at place (t - 1) % stride. NaN where no frame at that place was measured."""
+  frame t >= 1 sits at place (t - 1) % stride (entry 0: a latent frame's first pixel frame, which reports and
+  tables call place 1). NaN where no frame at that place was measured."""
   chex.assert_rank(lead, 2)
   if temporal_stride < 1:
     raise ValueError(f"temporal stride must be at least 1, got {temporal_stride}")

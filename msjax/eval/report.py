@@ -159,7 +159,7 @@ def format_summary(result: dict[str, Any]) -> str:
     places = sorted((key for key in lead_rows[0][1] if key.startswith(LEAD_PLACE_PREFIX)),
                     key=lambda key: int(key[len(LEAD_PLACE_PREFIX):]))
     columns = (("lead", "all frames"),) + tuple(
-        (key, f"place {int(key[len(LEAD_PLACE_PREFIX):]) + 1}") for key in places)
+        (key, f"place {key[len(LEAD_PLACE_PREFIX):]}") for key in places)
     lines += ["", "lead along the true motion, px (+ ahead, - behind), by a frame's place in its latent frame:"]
     lines += _table(lead_rows, columns)
   across = result.get("across_sample_seeds")

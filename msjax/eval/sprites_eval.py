@@ -250,7 +250,7 @@ def score_clip(video: np.ndarray, truth: ClipTruth, *, tolerance: float, min_pix
       "epe": centroid["mean"], "epe_missed_fraction": centroid["missed_fraction"], "epe_frames": centroid["frames"],
       "epe_track": track["mean"], "epe_track_missed_fraction": track["missed_fraction"],
       "lead": float(metrics.nanmean(lead.ravel(), 0)),
-      "lead_by_place": {str(place): float(value) for place, value in enumerate(by_place)},
+      "lead_by_place": {str(place): float(value) for place, value in enumerate(by_place, start=1)},
       "psnr": float(psnr[scored].mean()), "ssim": float(ssim[scored].mean()), "effect_adherence": adherence,
       "drift": {name: metrics.drift(values[scored]) for name, values in series.items()},
   }

@@ -93,7 +93,7 @@ class MotionScores:
     record, _ = sprites_eval.score_clip(video, truth, tolerance=self.tolerance, min_pixels=self.min_pixels,
                                         temporal_stride=self.temporal_stride)
     self.epe.append(record["epe"])
-    self.lead.append([record["lead_by_place"][str(p)] for p in range(self.temporal_stride)])
+    self.lead.append([record["lead_by_place"][str(place)] for place in range(1, self.temporal_stride + 1)])
 
   def summary(self) -> dict[str, float | list[float]]:
     """{"epe": px, "lead_by_place": [px per place]}: means over the clips where each was measured."""
