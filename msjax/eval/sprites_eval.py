@@ -227,7 +227,7 @@ def _generated_video(output: Any, truth: ClipTruth, name: str) -> tuple[np.ndarr
 
 
 def score_clip(video: np.ndarray, truth: ClipTruth, *, tolerance: float, min_pixels: int,
-               temporal_stride: int = 1) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+               temporal_stride: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """JSON-ready metrics of one generated clip over frames metrics.FIRST_SCORED_FRAME on, and its per-frame drift
   series [T] (every frame). `temporal_stride` (the model codec's) splits the motion lead by a frame's place in
   its latent frame."""
@@ -354,7 +354,6 @@ def evaluate(generate_fn: GenerateFn, *, seeds: Sequence[int], config: ml_collec
   world = world_config(config, num_frames)
   tolerance = metrics.default_tolerance()
   min_pixels = min_detection_pixels(world)
-  temporal_stride = int(config.codec.temporal_stride)
   clips = render_clips(seeds, world)
   truths = [clip_truth(c, s, tolerance=tolerance, min_pixels=min_pixels) for c, s in zip(clips, seeds)]
   generators = {GENERATOR: generate_fn}
@@ -363,7 +362,7 @@ def evaluate(generate_fn: GenerateFn, *, seeds: Sequence[int], config: ml_collec
   results, kept = {}, {}
   for name, fn in generators.items():
     results[name], kept[name] = _run(name, fn, truths, tolerance=tolerance, min_pixels=min_pixels,
-                                     temporal_stride=temporal_stride, progress=progress,
+                                     temporal_stride=world.temporal_stride, progress=progress,
                                      keep=num_samples if name == GENERATOR else 0)
   samples = [Sample(seed=seed, prompt=clip.prompt, true_video=clip.video, generated=video,
                     baseline=first_frame_generator(clip.video[0], clip.prompt, clip_tracks(clip),

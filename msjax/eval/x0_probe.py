@@ -19,7 +19,6 @@ architecture can beat.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any, Sequence
 
@@ -78,6 +77,12 @@ class SquaredErrors:
     return out
 
 
+def motion_truth(world: sprites_lib.SpritesConfig, clip: sprites_lib.Clip) -> sprites_eval.ClipTruth:
+  """What `MotionScores.add` scores against, computed once per clip with the eval's detection settings."""
+  return sprites_eval.clip_truth(clip, 0, tolerance=metrics.default_tolerance(),
+                                 min_pixels=sprites_eval.min_detection_pixels(world))
+
+
 class MotionScores:
   """Where the x0 estimates put the sprites: the eval's EPE and motion lead by place in the latent frame, per clip
   (`sprites_eval.score_clip`), averaged over clips."""
@@ -88,8 +93,8 @@ class MotionScores:
     self.temporal_stride = world.temporal_stride
     self.epe, self.lead = [], []
 
-  def add(self, video: np.ndarray, clip: sprites_lib.Clip) -> None:
-    truth = sprites_eval.clip_truth(clip, 0, tolerance=self.tolerance, min_pixels=self.min_pixels)
+  def add(self, video: np.ndarray, truth: sprites_eval.ClipTruth) -> None:
+    """Scores one clip's video against its `motion_truth`."""
     record, _ = sprites_eval.score_clip(video, truth, tolerance=self.tolerance, min_pixels=self.min_pixels,
                                         temporal_stride=self.temporal_stride)
     self.epe.append(record["epe"])
@@ -128,7 +133,7 @@ def probe(model: inference.Model, clips: Sequence[sprites_lib.Clip], timesteps: 
   latents = [clip_latents(model, c) for c in clips]
   second_moment = float(np.mean([jnp.mean(jnp.square(z)) for z in latents]))
   errors = {t: {"model": SquaredErrors(), "scalar_skip": SquaredErrors()} for t in timesteps}
-  world = dataclasses.replace(sprites_eval.world_config(config), num_frames=clips[0].video.shape[0])
+  world = sprites_eval.world_config(config, clips[0].video.shape[0])
   motion = {t: MotionScores(world) for t in timesteps}
 
   for index, (clip, z0) in enumerate(zip(clips, latents)):
@@ -136,12 +141,13 @@ def probe(model: inference.Model, clips: Sequence[sprites_lib.Clip], timesteps: 
     grid = inference.track_grid(sprites_eval.clip_tracks(clip), config, seed=seed + index)
     cond = inference.conditioning(model, context, inference.first_latent(model, clip.video[0]), grid)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+    truth = motion_truth(world, clip)
     for t in timesteps:
       noise = jax.random.normal(jax.random.fold_in(key, round(t * 1e6)), z0.shape, jnp.float32)
       x0, z_t = x0_estimate(model.dit_params, z0, noise, t, cond)
       video = decoded_pixels(model, x0)
       errors[t]["model"].add(video, clip)
-      motion[t].add(video, clip)
+      motion[t].add(video, truth)
       errors[t]["scalar_skip"].add(decoded_pixels(model, scalar_skip(t, second_moment) * z_t), clip)
   return {f"{t:g}": {**{name: e.psnr() for name, e in by_name.items()}, "motion": motion[t].summary()}
           for t, by_name in errors.items()}
@@ -184,15 +190,15 @@ def head_ceiling(model: inference.Model, fit_clips: Sequence[sprites_lib.Clip],
   mean, basis = fit_token_subspace(np.concatenate([patch_tokens(encode(c), patch_size) for c in fit_clips]),
                                    int(model.config.model.dim))
   errors = SquaredErrors()
-  motion = MotionScores(dataclasses.replace(sprites_eval.world_config(model.config),
-                                            num_frames=clips[0].video.shape[0]))
+  world = sprites_eval.world_config(model.config, clips[0].video.shape[0])
+  motion = MotionScores(world)
   for clip in clips:
     z0 = encode(clip)
     tokens = patch_tokens(z0, patch_size) - mean
     projected = from_patch_tokens((tokens @ basis.T) @ basis + mean, z0.shape, patch_size)
     video = decoded_pixels(model, jnp.asarray(projected, jnp.float32))
     errors.add(video, clip)
-    motion.add(video, clip)
+    motion.add(video, motion_truth(world, clip))
   return errors.psnr(), motion.summary()
 
 
