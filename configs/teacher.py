@@ -45,6 +45,12 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # spikes, clipped steps). > 0 weights each sample by min(1, t / loss_min_t)^2, capping that factor at
   # 1 / loss_min_t^2. Velocity-predicting presets keep Wan's plain loss.
   c.flow.loss_min_t = 0.25 if c.model.prediction == "x0" else 0.0
+  # The share of samples whose noisy input is re-noised from the model's own x0 (no gradient) at the time
+  # recycle_gap earlier on the unshifted grid, as the few-step renoise sampler feeds it (0.25 = its 4-step
+  # spacing); they learn to correct their own earlier steps (msjax.train.teacher.recycled_inputs). One more
+  # forward pass per step; 0 = the paper's plain objective.
+  c.flow.recycle_prob = 0.0
+  c.flow.recycle_gap = 0.25
 
   c.dropout = ml_collections.ConfigDict()
   c.dropout.text = 0.1  # so v(null text, tracks) exists for joint guidance

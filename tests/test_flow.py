@@ -71,6 +71,24 @@ def test_consistency_timesteps_match_self_forcing_warp():
   assert euler[0] == pytest.approx(1.0) and euler[-1] == 0.0
 
 
+def test_unshift_inverts_the_shift_and_earlier_timestep_walks_the_few_step_list():
+  u = jnp.linspace(0.0, 1.0, 21)
+  for shift in (1.0, 3.0, 6.0):
+    np.testing.assert_allclose(flow.unshift_timestep(flow.shift_timestep(u, shift), shift), u, atol=1e-6)
+  steps = flow.consistency_timesteps(4, 6.0)  # 1, 0.947, 0.857, 0.667
+  np.testing.assert_allclose(flow.earlier_timestep(steps[1:], 6.0, 0.25), steps[:-1], rtol=1e-5)
+  np.testing.assert_allclose(flow.earlier_timestep(jnp.array([1.0, 0.99]), 6.0, 0.25), [1.0, 1.0])
+
+
+def test_velocity_from_x0_leads_any_input_to_that_x0():
+  z0, eps, other = _latents(0), _latents(1), _latents(2)
+  t = jnp.array([0.3, 0.8])
+  z_t = flow.add_noise(z0, eps, t)
+  np.testing.assert_allclose(flow.velocity_from_x0(z_t, t, z0), flow.velocity_target(z0, eps), atol=1e-5)
+  v = flow.velocity_from_x0(other, t, z0)
+  np.testing.assert_allclose(flow.x0_from_velocity(other, t, v), z0, atol=1e-5)
+
+
 def test_euler_sampler_transports_noise_to_the_data_point():
   # With the exact velocity field of a single data point, every Euler step lands on the straight path.
   target = _latents(2)

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,43 @@ def test_loss_min_t_caps_the_weight_of_low_t_samples():
   assert expected < 0.85 * plain  # so the check below tells weighted from unweighted
   assert _loss(params, batch, _objective(loss_min_t=floor), model=ZeroModel(), seed=seed) == pytest.approx(
       expected, rel=0.1)
+
+
+def test_recycled_samples_are_noised_from_the_models_own_x0_without_gradient():
+  # recycle_prob = 1: the loss and its gradient equal a plain loss on inputs built by hand (outside the
+  # gradient) from the model's x0 at the earlier time, re-noised to t, with the target leading back to z0.
+  params, batch, seed = _params(), _batch(), 5
+  objective = _objective(recycle_prob=1.0, recycle_gap=0.25, recycle_min_t=0.0)
+  model = StandInModel()
+  rng = jax.random.PRNGKey(seed)
+  t_rng, noise_rng, _ = jax.random.split(rng, 3)
+  z0 = batch["latents"]
+  t = flow.sample_training_timesteps(t_rng, (B,), objective.shift)
+  noise = jax.random.normal(noise_rng, z0.shape)
+  prev_noise_rng, _ = jax.random.split(jax.random.fold_in(rng, 1))
+  t_prev = flow.earlier_timestep(t, objective.shift, 0.25)
+  assert bool(jnp.all(t_prev > t))
+  z_prev = flow.add_noise(z0, jax.random.normal(prev_noise_rng, z0.shape), t_prev)
+  cond = teacher.conditioning(batch, batch["context"], objective)
+  x0_prev = flow.x0_from_velocity(z_prev, t_prev, model.apply({"params": params}, z_prev, t_prev, cond))
+  z_in = flow.add_noise(x0_prev, noise, t)
+  target = flow.velocity_from_x0(z_in, t, z0)
+
+  def by_hand(p):
+    v = model.apply({"params": p}, z_in, t, cond)
+    return jnp.mean(jnp.square(v - target))
+
+  def recycled(p):
+    loss, _ = teacher.teacher_loss({teacher.DIT_PARAMS: p}, batch, rng, model=model, text_encoder=FROZEN_TEXT,
+                                   objective=objective, null_context=NULL_CONTEXT)
+    return loss
+
+  np.testing.assert_allclose(recycled(params), by_hand(params), rtol=1e-5)
+  chex.assert_trees_all_close(jax.grad(recycled)(params), jax.grad(by_hand)(params), rtol=1e-4, atol=1e-6)
+  assert abs(float(recycled(params)) - _loss(params, batch, _objective(), seed=seed)) > 1e-3
+  # recycle_prob = 0 is the plain objective, draw for draw.
+  assert _loss(params, batch, _objective(recycle_prob=0.0), seed=seed) == _loss(params, batch, _objective(),
+                                                                                 seed=seed)
 
 
 def test_dropout_replaces_text_and_tracks_with_the_null_conditions():

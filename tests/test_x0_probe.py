@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -65,6 +67,26 @@ def test_probe_on_a_random_model_reports_every_region_and_an_exact_reference():
   assert result["0.01"]["scalar_skip"]["all"] > 35.0
   assert result["0.9"]["scalar_skip"]["all"] < 20.0
   assert len(x0_probe.format_table(result).splitlines()) == 1 + len(result)
+
+
+def test_recycled_estimates_start_from_the_models_own_earlier_x0():
+  config = small_config()
+  config.flow = ml_collections.ConfigDict({"shift": 6.0})
+  model = inference.random_model(config, seed=1)
+  # A fresh head writes zeros whatever it reads; jitter every weight so the estimate depends on the input.
+  leaves, tree = jax.tree_util.tree_flatten(model.dit_params)
+  keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+  jittered = [leaf + 0.05 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)]
+  model = dataclasses.replace(model, dit_params=jax.tree_util.tree_unflatten(tree, jittered))
+  clips = sprites_eval.render_clips(sprites_eval.eval_seeds(2), sprites_eval.world_config(config))
+  result = x0_probe.probe(model, clips, [1.0, 0.5], recycle_gap=0.25)
+  for rows in result.values():
+    assert set(rows) == {"model", "scalar_skip", "motion", "recycled", "recycled_motion"}
+  # At t = 1 the earlier time is 1 too and re-noising to t = 1 leaves only the same noise: the very input.
+  assert result["1"]["recycled"] == result["1"]["model"]
+  # At t = 0.5 the input carries the jittered model's own x0 instead of the clip, so its estimate differs.
+  assert abs(result["0.5"]["recycled"]["all"] - result["0.5"]["model"]["all"]) > 0.01
+  assert len(x0_probe.format_table(result).splitlines()) == 2 + 2 * len(result)
 
 
 def test_patch_tokens_are_the_heads_layout_and_invert():

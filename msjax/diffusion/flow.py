@@ -52,6 +52,13 @@ def x0_from_velocity(z_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
   return z_t - _broadcast_t(t, z_t) * v
 
 
+def velocity_from_x0(z_t: jax.Array, t: jax.Array, x0: jax.Array) -> jax.Array:
+  """The velocity whose x0 is `x0`: v = (z_t - x0) / t (t > 0). For z_t = add_noise(z0, eps, t) and x0 = z0 it
+  is `velocity_target(z0, eps)`; for any other z_t it is the target that leads z_t back to x0."""
+  chex.assert_equal_shape([z_t, x0])
+  return (z_t - x0) / _broadcast_t(t, z_t)
+
+
 def noise_from_velocity(z_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
   """Noise implied by a velocity: eps = z_t + (1 - t) v."""
   chex.assert_equal_shape([z_t, v])
@@ -65,6 +72,18 @@ def shift_timestep(t: jax.Array, shift: float) -> jax.Array:
   """
   t = jnp.asarray(t, jnp.float32)
   return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def unshift_timestep(t: jax.Array, shift: float) -> jax.Array:
+  """The inverse of `shift_timestep`: u = t / (k - (k - 1) t), the uniform time that the shift reads as t."""
+  t = jnp.asarray(t, jnp.float32)
+  return t / (shift - (shift - 1.0) * t)
+
+
+def earlier_timestep(t: jax.Array, shift: float, gap: float) -> jax.Array:
+  """The time `gap` before t on the uniform grid the shift reads, capped at 1: with gap = 1/K it is the step
+  before t in a K-step `consistency_timesteps` list (t = shift(1 - k/K) gives shift(1 - (k - 1)/K))."""
+  return shift_timestep(jnp.minimum(1.0, unshift_timestep(t, shift) + gap), shift)
 
 
 def sample_training_timesteps(rng: jax.Array, shape: tuple[int, ...], shift: float, t_min: float = 0.0,

@@ -117,24 +117,44 @@ def decoded_pixels(model: inference.Model, latents: jax.Array) -> np.ndarray:
 
 
 def probe(model: inference.Model, clips: Sequence[sprites_lib.Clip], timesteps: Sequence[float],
-          seed: int = 0) -> dict[str, dict[str, dict[str, Any]]]:
+          seed: int = 0, recycle_gap: float = 0.0) -> dict[str, dict[str, dict[str, Any]]]:
   """{f"{t:g}": {"model": {region: dB}, "scalar_skip": {region: dB}, "motion": `MotionScores.summary` of the
-  model's estimates}}; the same noise for both at each t."""
+  model's estimates}}; the same noise for both at each t.
+
+  With `recycle_gap` > 0 also "recycled" and "recycled_motion": the estimate at t from the model's own x0 at the
+  earlier time `flow.earlier_timestep(t, shift, recycle_gap)` (itself from the true clip), re-noised to t with
+  the same noise, which is what the few-step sampler feeds its later steps (0.25: the 4-step sampler). Its gap to
+  "model" is what the sampler loses by starting each step from its own estimate.
+  """
   network = dit.WanDiT(model.spec)
   config = model.config
+  shift = float(config.flow.shift) if recycle_gap > 0 else 0.0  # the sampler's; configs without flow skip this
+
+  def velocity_fn(params, cond):
+    return lambda z, t_vec: network.apply({"params": params}, z, t_vec, cond)
 
   @jax.jit
   def x0_estimate(params, z0, noise, t, cond):
     t_vec = jnp.full((z0.shape[0],), t, jnp.float32)
     z_t = flow.add_noise(z0, noise, t_vec)
-    x0 = flow.x0_from_velocity(z_t, t_vec, network.apply({"params": params}, z_t, t_vec, cond))
+    x0, _ = flow.consistency_step(velocity_fn(params, cond), z_t, t_vec, t_vec, noise)
     return x0, z_t
+
+  @jax.jit
+  def recycled_estimate(params, z0, prev_noise, noise, t, cond):
+    t_vec = jnp.full((z0.shape[0],), t, jnp.float32)
+    t_prev = flow.earlier_timestep(t_vec, shift, recycle_gap)
+    _, z_t = flow.consistency_step(velocity_fn(params, cond), flow.add_noise(z0, prev_noise, t_prev), t_prev,
+                                   t_vec, noise)
+    x0, _ = flow.consistency_step(velocity_fn(params, cond), z_t, t_vec, t_vec, noise)
+    return x0
 
   latents = [clip_latents(model, c) for c in clips]
   second_moment = float(np.mean([jnp.mean(jnp.square(z)) for z in latents]))
-  errors = {t: {"model": SquaredErrors(), "scalar_skip": SquaredErrors()} for t in timesteps}
+  kinds = ("model", "scalar_skip") + (("recycled",) if recycle_gap > 0 else ())
+  errors = {t: {kind: SquaredErrors() for kind in kinds} for t in timesteps}
   world = sprites_eval.world_config(config, clips[0].video.shape[0])
-  motion = {t: MotionScores(world) for t in timesteps}
+  motion = {t: {kind: MotionScores(world) for kind in kinds if kind != "scalar_skip"} for t in timesteps}
 
   for index, (clip, z0) in enumerate(zip(clips, latents)):
     context, _ = inference.encode_prompt(model, [clip.prompt])
@@ -145,12 +165,23 @@ def probe(model: inference.Model, clips: Sequence[sprites_lib.Clip], timesteps: 
     for t in timesteps:
       noise = jax.random.normal(jax.random.fold_in(key, round(t * 1e6)), z0.shape, jnp.float32)
       x0, z_t = x0_estimate(model.dit_params, z0, noise, t, cond)
-      video = decoded_pixels(model, x0)
-      errors[t]["model"].add(video, clip)
-      motion[t].add(video, truth)
+      estimates = {"model": x0}
+      if recycle_gap > 0:
+        prev_noise = jax.random.normal(jax.random.fold_in(key, round(t * 1e6) + 1), z0.shape, jnp.float32)
+        estimates["recycled"] = recycled_estimate(model.dit_params, z0, prev_noise, noise, t, cond)
+      for kind, estimate in estimates.items():
+        video = decoded_pixels(model, estimate)
+        errors[t][kind].add(video, clip)
+        motion[t][kind].add(video, truth)
       errors[t]["scalar_skip"].add(decoded_pixels(model, scalar_skip(t, second_moment) * z_t), clip)
-  return {f"{t:g}": {**{name: e.psnr() for name, e in by_name.items()}, "motion": motion[t].summary()}
-          for t, by_name in errors.items()}
+  result = {}
+  for t, by_name in errors.items():
+    row = {name: e.psnr() for name, e in by_name.items()}
+    row["motion"] = motion[t]["model"].summary()
+    if recycle_gap > 0:
+      row["recycled_motion"] = motion[t]["recycled"].summary()
+    result[f"{t:g}"] = row
+  return result
 
 
 def patch_tokens(latents: np.ndarray, patch_size: Sequence[int]) -> np.ndarray:
@@ -214,6 +245,14 @@ def format_table(result: dict[str, dict[str, dict[str, Any]]]) -> str:
     lines.append(f"{t:<8s} {m['all']:6.2f} / {m['background']:6.2f} / {m['sprites']:6.2f}"
                  f"                     {s['all']:6.2f} / {s['background']:6.2f} / {s['sprites']:6.2f}"
                  f"                                   {motion['epe']:5.2f}, {format_lead(motion['lead_by_place'])}")
+  recycled = [(t, rows) for t, rows in result.items() if "recycled" in rows]
+  if recycled:
+    lines.append("t        from the model's own x0 one step earlier (--recycle_gap): all / background / sprites dB, "
+                 "EPE px, lead by place px")
+    for t, rows in recycled:
+      r, motion = rows["recycled"], rows["recycled_motion"]
+      lines.append(f"{t:<8s} {r['all']:6.2f} / {r['background']:6.2f} / {r['sprites']:6.2f}    {motion['epe']:5.2f}, "
+                   f"{format_lead(motion['lead_by_place'])}")
   return "\n".join(lines)
 
 
@@ -223,6 +262,8 @@ _NUM_CLIPS = flags.DEFINE_integer("num_clips", 20, "Held-out clips.")
 _SEED_START = flags.DEFINE_integer("seed_start", sprites_eval.EVAL_SEED_START, "First held-out seed.")
 _TIMESTEPS = flags.DEFINE_list("timesteps", [f"{t:g}" for t in DEFAULT_TIMESTEPS], "Noise levels t in (0, 1].")
 _OUT = flags.DEFINE_string("out", None, "Optional JSON file for the table.")
+_RECYCLE_GAP = flags.DEFINE_float("recycle_gap", 0.0, "Also score each t from the model's own x0 this far earlier "
+                                  "on the unshifted grid, re-noised (0.25: the 4-step sampler's spacing; 0: off).")
 _CEILING_CLIPS = flags.DEFINE_integer("ceiling_clips", 200, "Training-seed clips the head ceiling's subspace is "
                                       "fitted on (0: no ceiling).")
 
@@ -249,7 +290,9 @@ def main(argv: list[str]) -> None:
   except (inference.ModelError, ValueError) as e:
     _fail(str(e))
   clips = sprites_eval.render_clips(seeds, sprites_eval.world_config(config))
-  result = probe(model, clips, timesteps, seed=int(config.get("seed", 0)))
+  if not 0.0 <= _RECYCLE_GAP.value <= 1.0:
+    _fail(f"--recycle_gap must lie in [0, 1], got {_RECYCLE_GAP.value}")
+  result = probe(model, clips, timesteps, seed=int(config.get("seed", 0)), recycle_gap=_RECYCLE_GAP.value)
   print(f"one-step x0 from the true noisy clip: {_CHECKPOINT.value}, {len(clips)} clips, frames 1-"
         f"{clips[0].video.shape[0] - 1}, PSNR pooled over the clips")
   print(format_table(result))

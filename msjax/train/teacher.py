@@ -69,13 +69,19 @@ class TeacherObjective:
   image_condition: str
   use_tracks: bool
   loss_min_t: float = 0.0
+  recycle_prob: float = 0.0
+  recycle_gap: float = 0.25
+  recycle_min_t: float = 0.05
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> TeacherObjective:
     return cls(shift=float(config.flow.shift), text_dropout=float(config.dropout.text),
                motion_dropout=float(config.dropout.motion), image_condition=config.model.image_condition,
                use_tracks=config.model.track_channels > 0,
-               loss_min_t=float(config.flow.get("loss_min_t", 0.0)))
+               loss_min_t=float(config.flow.get("loss_min_t", 0.0)),
+               recycle_prob=float(config.flow.get("recycle_prob", 0.0)),
+               recycle_gap=float(config.flow.get("recycle_gap", 0.25)),
+               recycle_min_t=float(config.model.get("x0_min_t", 0.05)))
 
 
 # ---- data -------------------------------------------------------------------------------------------------
@@ -204,14 +210,47 @@ def teacher_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, mo
   context, null = text_contexts(params, batch, text_encoder, null_context)
   cond = guidance.drop_conditions(drop_rng, conditioning(batch, context, objective), null,
                                   objective.text_dropout, objective.motion_dropout)
+  target = flow.velocity_target(z0, noise)
+  if objective.recycle_prob > 0:
+    z_t, target = recycled_inputs(params, z0, z_t, target, noise, t, cond, jax.random.fold_in(rng, 1),
+                                  model=model, objective=objective)
   v = model.apply({"params": params[DIT_PARAMS]}, z_t, t, cond)
   chex.assert_equal_shape([v, z0])
-  per_frame = jnp.mean(jnp.square(v - flow.velocity_target(z0, noise)), axis=(2, 3, 4))  # [B, F]
+  per_frame = jnp.mean(jnp.square(v - target), axis=(2, 3, 4))  # [B, F]
   if objective.loss_min_t > 0:
     per_frame = per_frame * jnp.square(jnp.minimum(1.0, t / objective.loss_min_t))[:, None]
   weights = frame_weights(num_frames, objective)
   loss = jnp.sum(per_frame * weights) / (batch_size * jnp.sum(weights))
   return loss, {"timestep_mean": jnp.mean(t)}
+
+
+def recycled_inputs(params: Any, z0: jax.Array, z_t: jax.Array, target: jax.Array, noise: jax.Array, t: jax.Array,
+                    cond: Conditioning, rng: jax.Array, *, model: dit.WanDiT,
+                    objective: TeacherObjective) -> tuple[jax.Array, jax.Array]:
+  """(z_t, velocity target) with a `recycle_prob` share of the samples noised from the model's own x0 instead
+  of the true clip `z0` (`z_t`, `target`: the true clip noised with `noise` at t, and its velocity target).
+
+  The few-step `renoise` sampler never shows the model a clean clip noised: each step re-noises the x0 it
+  predicted one step earlier, so the last steps copy the earlier steps' misplaced sprites. Here a sample's x0
+  is first predicted (no gradient) from the true clip noised at the earlier time `flow.earlier_timestep(t,
+  shift, recycle_gap)`, then re-noised to t with the sample's own noise, as the sampler does
+  (`flow.consistency_step`); its target is the velocity that leads that input back to the true clip. Samples
+  with t below `recycle_min_t` (where the x0 head divides by a floored t) keep the plain input.
+  """
+  prev_noise_rng, pick_rng = jax.random.split(rng)
+  t_prev = flow.earlier_timestep(t, objective.shift, objective.recycle_gap)
+  z_prev = flow.add_noise(z0, jax.random.normal(prev_noise_rng, z0.shape, jnp.float32), t_prev)
+
+  def velocity_fn(z, tt):
+    return model.apply({"params": params[DIT_PARAMS]}, z, tt, cond)
+
+  _, z_recycled = flow.consistency_step(velocity_fn, z_prev, t_prev, t, noise)
+  z_recycled = jax.lax.stop_gradient(z_recycled)
+  use = jax.random.bernoulli(pick_rng, objective.recycle_prob, t.shape) & (t >= objective.recycle_min_t)
+  pick = use[:, None, None, None, None]
+  z_t = jnp.where(pick, z_recycled, z_t)
+  target = jnp.where(pick, flow.velocity_from_x0(z_recycled, jnp.maximum(t, objective.recycle_min_t), z0), target)
+  return z_t, target
 
 
 def init_params(config: ml_collections.ConfigDict, model: dit.WanDiT, text_encoder: text_lib.TextEncoder,
