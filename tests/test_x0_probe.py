@@ -157,3 +157,7 @@ def test_cli_writes_the_table_and_refuses_bad_timesteps(tmp_path):
   bad = subprocess.run([sys.executable, "-m", "msjax.eval.x0_probe", *flags, "--timesteps", "0,0.5"],
                        capture_output=True, text=True, env=env, check=False)
   assert bad.returncode == 2 and "--timesteps must lie in (0, 1]" in bad.stderr and "Traceback" not in bad.stderr
+  bad_gap = subprocess.run([sys.executable, "-m", "msjax.eval.x0_probe", *flags, "--recycle_gap", "1.5"],
+                           capture_output=True, text=True, env=env, check=False)
+  assert bad_gap.returncode == 2 and "--recycle_gap must lie in [0, 1]" in bad_gap.stderr
+  assert "Traceback" not in bad_gap.stderr

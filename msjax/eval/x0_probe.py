@@ -10,6 +10,10 @@ Every sampler's last step is one such estimate from a noisy clip it made itself,
 more steps or another sampler can reach; where the model falls below the reference at small t it blurs a clip that
 is already nearly clean, which more steps cannot fix.
 
+`--recycle_gap 0.25` also scores each t from the model's own x0 one 4-step sampler step earlier, re-noised: the
+kind of input the sampler's later steps get, so its gap to the true-clip row is what starting from its own
+estimates costs.
+
 Also the ceiling the head's shape sets (`--ceiling_clips`, 0 to skip): the DiT's head maps each token's model.dim
 features linearly to its patch of latent values, so every x0 it can draw lies, token by token, in one
 model.dim-dimensional affine subspace of patch space. The best such subspace for the data is the clips' principal
@@ -284,14 +288,14 @@ def main(argv: list[str]) -> None:
     _fail(f"--timesteps must be numbers in (0, 1], got {','.join(_TIMESTEPS.value)}")
   if not all(0.0 < t <= 1.0 for t in timesteps):
     _fail(f"--timesteps must lie in (0, 1], got {','.join(_TIMESTEPS.value)}")
+  if not 0.0 <= _RECYCLE_GAP.value <= 1.0:
+    _fail(f"--recycle_gap must lie in [0, 1], got {_RECYCLE_GAP.value}")
   try:
     model = inference.load_model(_CHECKPOINT.value, config)
     seeds = sprites_eval.eval_seeds(_NUM_CLIPS.value, _SEED_START.value)
   except (inference.ModelError, ValueError) as e:
     _fail(str(e))
   clips = sprites_eval.render_clips(seeds, sprites_eval.world_config(config))
-  if not 0.0 <= _RECYCLE_GAP.value <= 1.0:
-    _fail(f"--recycle_gap must lie in [0, 1], got {_RECYCLE_GAP.value}")
   result = probe(model, clips, timesteps, seed=int(config.get("seed", 0)), recycle_gap=_RECYCLE_GAP.value)
   print(f"one-step x0 from the true noisy clip: {_CHECKPOINT.value}, {len(clips)} clips, frames 1-"
         f"{clips[0].video.shape[0] - 1}, PSNR pooled over the clips")
