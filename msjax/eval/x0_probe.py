@@ -132,26 +132,22 @@ def probe(model: inference.Model, clips: Sequence[sprites_lib.Clip], timesteps: 
   """
   network = dit.WanDiT(model.spec)
   config = model.config
-  shift = float(config.flow.shift) if recycle_gap > 0 else 0.0  # the sampler's; configs without flow skip this
 
-  def velocity_fn(params, cond):
-    return lambda z, t_vec: network.apply({"params": params}, z, t_vec, cond)
+  def x0_from(params, z_t, t_vec, cond):
+    return flow.x0_from_velocity(z_t, t_vec, network.apply({"params": params}, z_t, t_vec, cond))
 
   @jax.jit
   def x0_estimate(params, z0, noise, t, cond):
     t_vec = jnp.full((z0.shape[0],), t, jnp.float32)
     z_t = flow.add_noise(z0, noise, t_vec)
-    x0, _ = flow.consistency_step(velocity_fn(params, cond), z_t, t_vec, t_vec, noise)
-    return x0, z_t
+    return x0_from(params, z_t, t_vec, cond), z_t
 
   @jax.jit
   def recycled_estimate(params, z0, prev_noise, noise, t, cond):
     t_vec = jnp.full((z0.shape[0],), t, jnp.float32)
-    t_prev = flow.earlier_timestep(t_vec, shift, recycle_gap)
-    _, z_t = flow.consistency_step(velocity_fn(params, cond), flow.add_noise(z0, prev_noise, t_prev), t_prev,
-                                   t_vec, noise)
-    x0, _ = flow.consistency_step(velocity_fn(params, cond), z_t, t_vec, t_vec, noise)
-    return x0
+    t_prev = flow.earlier_timestep(t_vec, float(config.flow.shift), recycle_gap)  # the sampler's shift
+    x0_prev = x0_from(params, flow.add_noise(z0, prev_noise, t_prev), t_prev, cond)
+    return x0_from(params, flow.add_noise(x0_prev, noise, t_vec), t_vec, cond)
 
   latents = [clip_latents(model, c) for c in clips]
   second_moment = float(np.mean([jnp.mean(jnp.square(z)) for z in latents]))

@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 
 from msjax import config_utils
+from msjax.diffusion import flow
 from msjax.models import attention
 from msjax.models import rope
 from msjax.models import track_head as track_head_lib
@@ -592,8 +593,7 @@ class WanDiT(nn.Module):
     t = jnp.asarray(t, jnp.float32)
     t = jnp.broadcast_to(t[:, None], (batch, frames)) if t.ndim == 1 else t
     chex.assert_shape(t, (batch, frames))
-    t = jnp.maximum(t, self.spec.x0_min_t)[:, :, None, None, None]
-    return (latents.astype(jnp.float32) - out) / t
+    return flow.velocity_from_x0(latents.astype(jnp.float32), jnp.maximum(t, self.spec.x0_min_t), out)
 
   # ---- entry points --------------------------------------------------------------------------------------
 
