@@ -51,6 +51,11 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # forward pass per step; 0 = the paper's plain objective.
   c.flow.recycle_prob = 0.0
   c.flow.recycle_gap = 0.25
+  # > 0 weights the loss 1 + motion_weight where the clip changes by more than motion_threshold (latent units)
+  # between neighbouring latent frames: moving sprites, a few percent of a toy clip, weigh more
+  # (msjax.train.teacher.motion_weights). 0 = the paper's plain MSE.
+  c.flow.motion_weight = 0.0
+  c.flow.motion_threshold = 0.2
 
   c.dropout = ml_collections.ConfigDict()
   c.dropout.text = 0.1  # so v(null text, tracks) exists for joint guidance

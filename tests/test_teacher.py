@@ -145,6 +145,42 @@ def test_recycled_samples_are_noised_from_the_models_own_x0_without_gradient():
                                                                                  seed=seed)
 
 
+def test_motion_weights_mark_what_changes_between_latent_frames_and_not_slow_drift():
+  # One element jumps by 1.0 between frames 1 and 2; the whole clip drifts by 0.05 a frame (a background effect).
+  z0 = 0.05 * jnp.arange(4.0)[None, :, None, None, None] * jnp.ones((1, 4, 2, 2, 3))
+  z0 = z0.at[0, 2:, 1, 0, 2].add(1.0)
+  weights = np.asarray(teacher.motion_weights(z0, motion_weight=9.0, threshold=0.2))
+  chex.assert_shape(weights, z0.shape)
+  expected = np.ones(z0.shape, np.float32)
+  expected[0, 1:3, 1, 0, 2] = 10.0  # the frames on both sides of the change; frames 0 and 3 did not change there
+  np.testing.assert_array_equal(weights, expected)
+
+
+def test_motion_weighted_loss_is_each_frames_weighted_mean_and_zero_weight_is_the_plain_loss():
+  params, batch, seed = _params(), _batch(), 2
+  objective = _objective(motion_weight=4.0, motion_threshold=1.0)
+  model = StandInModel()
+  rng = jax.random.PRNGKey(seed)
+  t_rng, noise_rng, _ = jax.random.split(rng, 3)
+  z0 = batch["latents"]
+  t = flow.sample_training_timesteps(t_rng, (B,), objective.shift)
+  noise = jax.random.normal(noise_rng, z0.shape)
+  cond = teacher.conditioning(batch, batch["context"], objective)
+  error = np.square(np.asarray(model.apply({"params": params}, flow.add_noise(z0, noise, t), t, cond)
+                               - flow.velocity_target(z0, noise)))
+  changed = np.abs(np.diff(np.asarray(z0), axis=1)) > 1.0
+  moved = np.zeros(z0.shape, bool)
+  moved[:, 1:] |= changed
+  moved[:, :-1] |= changed
+  assert 0.05 < moved.mean() < 0.95  # random latents: some elements weigh 5, others 1
+  weights = 1.0 + 4.0 * moved
+  per_frame = (weights * error).sum(axis=(2, 3, 4)) / weights.sum(axis=(2, 3, 4))
+  assert _loss(params, batch, objective, seed=seed) == pytest.approx(float(per_frame.mean()), rel=1e-5)
+  plain = _loss(params, batch, _objective(), seed=seed)
+  assert abs(plain - float(per_frame.mean())) > 1e-3 * plain
+  assert _loss(params, batch, _objective(motion_weight=0.0), seed=seed) == plain
+
+
 def test_dropout_replaces_text_and_tracks_with_the_null_conditions():
   params, batch = _params(), _batch()
   base = _loss(params, batch, _objective())
