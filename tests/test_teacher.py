@@ -79,6 +79,12 @@ def _params():
   return StandInModel().init(jax.random.PRNGKey(0), batch["latents"], jnp.zeros((B,)), cond)["params"]
 
 
+def _loss_draws(rng, z0, objective):
+  """The timesteps and noise `teacher.teacher_loss` draws from `rng` (its first two of three splits)."""
+  t_rng, noise_rng, _ = jax.random.split(rng, 3)
+  return flow.sample_training_timesteps(t_rng, (B,), objective.shift), jax.random.normal(noise_rng, z0.shape)
+
+
 class ZeroModel(nn.Module):
 
   @nn.compact
@@ -99,8 +105,7 @@ def test_loss_min_t_caps_the_weight_of_low_t_samples():
   batch, params, seed = _batch(latent_scale=0.0), {"unused": jnp.zeros(())}, 3
   plain = _loss(params, batch, _objective(), model=ZeroModel(), seed=seed)
   assert _loss(params, batch, _objective(loss_min_t=1e-9), model=ZeroModel(), seed=seed) == pytest.approx(plain)
-  t_rng = jax.random.split(jax.random.PRNGKey(seed), 3)[0]
-  t = np.asarray(flow.sample_training_timesteps(t_rng, (B,), _objective().shift))
+  t = np.asarray(_loss_draws(jax.random.PRNGKey(seed), batch["latents"], _objective())[0])
   floor = float(np.sort(t)[B // 2])  # half the samples sit below it
   expected = plain * float(np.mean(np.minimum(1.0, t / floor) ** 2))
   assert expected < 0.85 * plain  # so the check below tells weighted from unweighted
@@ -115,10 +120,8 @@ def test_recycled_samples_are_noised_from_the_models_own_x0_without_gradient():
   objective = _objective(recycle_prob=1.0, recycle_gap=0.25, recycle_min_t=0.0)
   model = StandInModel()
   rng = jax.random.PRNGKey(seed)
-  t_rng, noise_rng, _ = jax.random.split(rng, 3)
   z0 = batch["latents"]
-  t = flow.sample_training_timesteps(t_rng, (B,), objective.shift)
-  noise = jax.random.normal(noise_rng, z0.shape)
+  t, noise = _loss_draws(rng, z0, objective)
   prev_noise_rng, _ = jax.random.split(jax.random.fold_in(rng, 1))
   t_prev = flow.earlier_timestep(t, objective.shift, 0.25)
   assert bool(jnp.all(t_prev > t))
@@ -160,11 +163,8 @@ def test_motion_weighted_loss_is_each_frames_weighted_mean_and_zero_weight_is_th
   params, batch, seed = _params(), _batch(), 2
   objective = _objective(motion_weight=4.0, motion_threshold=1.0)
   model = StandInModel()
-  rng = jax.random.PRNGKey(seed)
-  t_rng, noise_rng, _ = jax.random.split(rng, 3)
   z0 = batch["latents"]
-  t = flow.sample_training_timesteps(t_rng, (B,), objective.shift)
-  noise = jax.random.normal(noise_rng, z0.shape)
+  t, noise = _loss_draws(jax.random.PRNGKey(seed), z0, objective)
   cond = teacher.conditioning(batch, batch["context"], objective)
   error = np.square(np.asarray(model.apply({"params": params}, flow.add_noise(z0, noise, t), t, cond)
                                - flow.velocity_target(z0, noise)))
