@@ -152,6 +152,16 @@ def consistency_step(velocity_fn: VelocityFn, z_t: jax.Array, t: jax.Array, t_ne
   return x0, z_next
 
 
+def recycled_input(velocity_fn: VelocityFn, z0: jax.Array, prev_noise: jax.Array, noise: jax.Array, t: jax.Array,
+                   shift: float, gap: float) -> jax.Array:
+  """What the few-step sampler feeds the model at t: the clip `z0` noised (`prev_noise`) at the time `gap`
+  earlier (`earlier_timestep`), the model's x0 there, re-noised to t with `noise` (`consistency_step`).
+  Training on such inputs and probing them use this one function."""
+  t_prev = earlier_timestep(t, shift, gap)
+  _, z_t = consistency_step(velocity_fn, add_noise(z0, prev_noise, t_prev), t_prev, t, noise)
+  return z_t
+
+
 def consistency_sample(velocity_fn: VelocityFn, noise: jax.Array, timesteps: jax.Array,
                        rng: jax.Array) -> jax.Array:
   """Self Forcing's few-step sampler: x0 prediction and fresh re-noising per step; returns the last x0.

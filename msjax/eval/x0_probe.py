@@ -133,8 +133,11 @@ def probe(model: inference.Model, clips: Sequence[sprites_lib.Clip], timesteps: 
   network = dit.WanDiT(model.spec)
   config = model.config
 
+  def velocity_fn(params, cond):
+    return lambda z, t_vec: network.apply({"params": params}, z, t_vec, cond)
+
   def x0_from(params, z_t, t_vec, cond):
-    return flow.x0_from_velocity(z_t, t_vec, network.apply({"params": params}, z_t, t_vec, cond))
+    return flow.x0_from_velocity(z_t, t_vec, velocity_fn(params, cond)(z_t, t_vec))
 
   @jax.jit
   def x0_estimate(params, z0, noise, t, cond):
@@ -145,9 +148,9 @@ def probe(model: inference.Model, clips: Sequence[sprites_lib.Clip], timesteps: 
   @jax.jit
   def recycled_estimate(params, z0, prev_noise, noise, t, cond):
     t_vec = jnp.full((z0.shape[0],), t, jnp.float32)
-    t_prev = flow.earlier_timestep(t_vec, float(config.flow.shift), recycle_gap)  # the sampler's shift
-    x0_prev = x0_from(params, flow.add_noise(z0, prev_noise, t_prev), t_prev, cond)
-    return x0_from(params, flow.add_noise(x0_prev, noise, t_vec), t_vec, cond)
+    shift = float(config.flow.shift)  # the sampler's
+    z_t = flow.recycled_input(velocity_fn(params, cond), z0, prev_noise, noise, t_vec, shift, recycle_gap)
+    return x0_from(params, z_t, t_vec, cond)
 
   latents = [clip_latents(model, c) for c in clips]
   second_moment = float(np.mean([jnp.mean(jnp.square(z)) for z in latents]))

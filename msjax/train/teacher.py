@@ -259,18 +259,17 @@ def recycled_inputs(params: Any, z0: jax.Array, z_t: jax.Array, target: jax.Arra
   predicted one step earlier, so the last steps copy the earlier steps' misplaced sprites. Here a sample's x0
   is first predicted (no gradient) from the true clip noised at the earlier time `flow.earlier_timestep(t,
   shift, recycle_gap)`, then re-noised to t with the sample's own noise, as the sampler does
-  (`flow.consistency_step`); its target is the velocity that leads that input back to the true clip. Samples
+  (`flow.recycled_input`); its target is the velocity that leads that input back to the true clip. Samples
   with t below `recycle_min_t` (where the x0 head divides by a floored t) keep the plain input.
   """
   prev_noise_rng, pick_rng = jax.random.split(rng)
-  t_prev = flow.earlier_timestep(t, objective.shift, objective.recycle_gap)
-  z_prev = flow.add_noise(z0, jax.random.normal(prev_noise_rng, z0.shape, jnp.float32), t_prev)
 
   def velocity_fn(z, tt):
     return model.apply({"params": params[DIT_PARAMS]}, z, tt, cond)
 
-  _, z_recycled = flow.consistency_step(velocity_fn, z_prev, t_prev, t, noise)
-  z_recycled = jax.lax.stop_gradient(z_recycled)
+  prev_noise = jax.random.normal(prev_noise_rng, z0.shape, jnp.float32)
+  z_recycled = jax.lax.stop_gradient(
+      flow.recycled_input(velocity_fn, z0, prev_noise, noise, t, objective.shift, objective.recycle_gap))
   use = jax.random.bernoulli(pick_rng, objective.recycle_prob, t.shape) & (t >= objective.recycle_min_t)
   pick = use[:, None, None, None, None]
   z_t = jnp.where(pick, z_recycled, z_t)
