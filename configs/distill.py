@@ -24,7 +24,7 @@ from configs import teacher
 
 STAGES = ("causal_init", "dmd")
 # Teacher sections the student stages do not read: they get their own per-stage copies below.
-TEACHER_ONLY_SECTIONS = ("train", "optim", "workdir", "init_checkpoint", "dropout")
+TEACHER_ONLY_SECTIONS = ("train", "optim", "workdir", "init_checkpoint", "init_grow_layers", "dropout")
 
 
 def _train_section(steps: int, batch_size: int, eval_every: int, checkpoint_every: int,

@@ -21,6 +21,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # toy teacher to read track IDs (python -m msjax.bench.id_routing --save_params; docs/teacher_ids.md), or
   # another run's EMA params (its workdir or exported folder), to go on under a new schedule. "" = random init.
   c.init_checkpoint = ""
+  # Start a deeper model from a shallower init_checkpoint: its blocks spaced evenly, identity blocks between
+  # (msjax.train.teacher.grow_blocks); num_layers must be a multiple of the source's.
+  c.init_grow_layers = False
 
   c.data = ml_collections.ConfigDict()
   # sprites: a tfds dataset prepared once under data_dir; sprites_rendered: the same clips rendered as they are

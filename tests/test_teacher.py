@@ -25,6 +25,7 @@ from msjax.data import sprites as sprites_lib
 from msjax.diffusion import flow
 from msjax.eval import generators
 from msjax.eval import sprites_eval
+from msjax.models import dit
 from msjax.models import text as text_lib
 from msjax.models import track_head
 from msjax.models.track_head import Conditioning
@@ -241,6 +242,45 @@ def test_a_nearest_checkpoint_loads_into_a_nearest_offset_model(tmp_path, capsys
   nonzero = {"track_head": dict(expected["track_head"], **{track_head.OFFSET_INPUT: {"kernel": np.ones((8, 4))}})}
   with pytest.raises(ValueError, match=rf"{track_head.OFFSET_INPUT}/kernel: expected \[8, 4\], found nothing"):
     teacher.load_dit_checkpoint(str(tmp_path / "nearest"), nonzero)
+
+
+def test_a_checkpoint_grows_into_a_deeper_model_that_computes_the_same(tmp_path):
+  """config.init_grow_layers: the source's blocks spaced evenly among identity blocks, so a 1-layer run starts
+  a 3-layer model with its outputs unchanged; the new blocks keep their fresh params save the zeroed outputs."""
+  shallow_config = teacher_config.get_config("tiny")
+  shallow_config.video.update(height=32, width=32, num_frames=9)
+  shallow_config.tracks.grid = 8
+  shallow_config.model.update(dim=32, num_layers=1, num_heads=2, ffn_dim=64, text_len=4)
+  deep_config = ml_collections.ConfigDict(shallow_config.to_dict())
+  deep_config.model.num_layers = 3
+  shallow, deep = (dit.WanDiT(dit.DiTSpec.from_config(c)) for c in (shallow_config, deep_config))
+  shallow_params = shallow.init(jax.random.PRNGKey(0), *dit.example_inputs(shallow_config, 1))["params"]
+  fresh = deep.init(jax.random.PRNGKey(1), *dit.example_inputs(deep_config, 1))["params"]
+  convert_common.save_params(jax.device_get(shallow_params), tmp_path / "shallow")
+  with pytest.raises(ValueError, match=r"blocks/.*expected \[3, "):
+    teacher.load_dit_checkpoint(str(tmp_path / "shallow"), fresh)
+  grown = teacher.load_dit_checkpoint(str(tmp_path / "shallow"), fresh, grow_layers=True)
+  chex.assert_trees_all_equal_shapes(grown, fresh)
+  blocks, fresh_blocks = grown["blocks"], fresh["blocks"]
+  query, fresh_query = blocks["self_attn"]["q"]["kernel"], fresh_blocks["self_attn"]["q"]["kernel"]
+  np.testing.assert_array_equal(query[0], shallow_params["blocks"]["self_attn"]["q"]["kernel"][0])
+  np.testing.assert_array_equal(query[1:], fresh_query[1:])
+  for branch, output in (("self_attn", "o"), ("cross_attn", "o"), ("ffn", "fc2")):
+    assert not np.any(blocks[branch][output]["kernel"][1:]) and not np.any(blocks[branch][output]["bias"][1:])
+    assert np.any(blocks[branch][output]["kernel"][0])
+  # Random inputs: the grown model gives the shallow one's output.
+  keys = iter(jax.random.split(jax.random.PRNGKey(2), 8))
+  inputs = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape), dit.example_inputs(shallow_config, 2))
+  inputs = (inputs[0], jnp.array([0.3, 0.9]), inputs[2])
+  expected = shallow.apply({"params": shallow_params}, *inputs)
+  assert float(jnp.abs(expected).mean()) > 1e-2
+  np.testing.assert_allclose(deep.apply({"params": grown}, *inputs), expected, atol=1e-5)
+  deep_config.model.num_layers = 2
+  uneven = dit.WanDiT(dit.DiTSpec.from_config(deep_config)).init(jax.random.PRNGKey(1),
+                                                                  *dit.example_inputs(deep_config, 1))["params"]
+  convert_common.save_params(jax.device_get(grown), tmp_path / "deep")
+  with pytest.raises(ValueError, match=r"num_layers \(2\) to be a multiple of the source's 3 layers"):
+    teacher.load_dit_checkpoint(str(tmp_path / "deep"), uneven, grow_layers=True)
 
 
 MICRO_OVERRIDES = {

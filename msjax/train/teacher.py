@@ -287,7 +287,38 @@ def init_params(config: ml_collections.ConfigDict, model: dit.WanDiT, text_encod
   return params
 
 
-def load_dit_checkpoint(path: str, expected: Any) -> Any:
+# The branch outputs that, zeroed, make a DiT block the identity (x + gate * 0), whatever its other params.
+BLOCK_OUTPUTS = ("self_attn/o/", "cross_attn/o/", "ffn/fc2/")
+
+
+def grow_blocks(loaded: dict[str, np.ndarray], wanted: dict[str, Any], source: str) -> dict[str, np.ndarray]:
+  """Deepens a model: block i of the source becomes block i * g of the grown one (g = new / old depth) and the
+  blocks between start as identities (their fresh params, with the branch outputs in `BLOCK_OUTPUTS` zeroed),
+  so the grown model computes what the source did and its new layers learn from there. Flat "a/b" names in,
+  flat names out; params outside `blocks/` pass through."""
+  old_depth = {np.shape(value)[0] for name, value in loaded.items() if name.startswith("blocks/")}
+  new_depth = {np.shape(value)[0] for name, value in wanted.items() if name.startswith("blocks/")}
+  if len(old_depth) != 1 or len(new_depth) != 1:
+    raise inference.ModelError(f"{source}: init_grow_layers needs stacked blocks/ params (one depth) in the source "
+                               f"and the model; found depths {sorted(old_depth)} and {sorted(new_depth)}")
+  (old,), (new,) = old_depth, new_depth
+  if new % old:
+    raise inference.ModelError(f"{source}: init_grow_layers needs config.model.num_layers ({new}) to be a multiple "
+                               f"of the source's {old} layers")
+  every = new // old
+  grown = dict(loaded)
+  for name, fresh in wanted.items():
+    if not name.startswith("blocks/") or name not in loaded:
+      continue
+    layers = np.array(fresh, dtype=np.asarray(loaded[name]).dtype)
+    if any(f"/{output}" in f"/{name[len('blocks/'):]}" for output in BLOCK_OUTPUTS):
+      layers[:] = 0
+    layers[::every] = loaded[name]
+    grown[name] = layers
+  return grown
+
+
+def load_dit_checkpoint(path: str, expected: Any, grow_layers: bool = False) -> Any:
   """DiT params checked leaf by leaf against `expected`, from converted weights (`python -m msjax.convert wan
   ...`), a tile run's `--save_params`, or the EMA params of any run (training workdir or exported model), so a
   run can continue from another under a new schedule.
@@ -295,6 +326,7 @@ def load_dit_checkpoint(path: str, expected: Any) -> Any:
   `expected` is the fresh init. The one parameter the source may lack is the zero-initialised offset input of
   config.tracks.splat = "nearest_offset" (`track_head.OFFSET_INPUT`): a nearest model's params then go on as a
   nearest_offset model that computes exactly what they did, and learns to read the offsets from there.
+  `grow_layers` (config.init_grow_layers) lets a shallower source start a deeper model (`grow_blocks`).
   """
   from msjax.convert import common  # pylint: disable=g-import-not-at-top
   is_run = inference.is_exported_model(path) or inference.is_training_workdir(path)
@@ -306,6 +338,8 @@ def load_dit_checkpoint(path: str, expected: Any) -> Any:
   if kept_at_zero:
     print(f"{path}: has no {', '.join(kept_at_zero)}; starting it at zero (tracks.splat nearest_offset)")
   loaded.update({name: wanted[name] for name in kept_at_zero})
+  if grow_layers:
+    loaded = grow_blocks(loaded, wanted, path)
   problems = [f"{name}: expected {list(wanted[name].shape)}, found "
               f"{list(np.shape(loaded[name])) if name in loaded else 'nothing'}"
               for name in sorted(wanted) if name not in loaded or np.shape(loaded[name]) != wanted[name].shape]
@@ -528,8 +562,8 @@ def build_stage(config: ml_collections.ConfigDict) -> TeacherStage:
     state = sharding.init_sharded(init_state, abstract, rng)
     if not config.get("init_checkpoint", ""):
       return state
-    params = dict(state.params, **{DIT_PARAMS: load_dit_checkpoint(config.init_checkpoint,
-                                                                   state.params[DIT_PARAMS])})
+    params = dict(state.params, **{DIT_PARAMS: load_dit_checkpoint(
+        config.init_checkpoint, state.params[DIT_PARAMS], grow_layers=config.get("init_grow_layers", False))})
     return sharding.init_sharded(lambda p, key: state_lib.create_train_state(p, tx, key), abstract, params,
                                  state.rng)
 
