@@ -311,7 +311,7 @@ def grow_blocks(loaded: dict[str, np.ndarray], wanted: dict[str, Any], source: s
     if not name.startswith("blocks/") or name not in loaded:
       continue
     layers = np.array(fresh, dtype=np.asarray(loaded[name]).dtype)
-    if any(f"/{output}" in f"/{name[len('blocks/'):]}" for output in BLOCK_OUTPUTS):
+    if name.startswith(tuple(f"blocks/{output}" for output in BLOCK_OUTPUTS)):
       layers[:] = 0
     layers[::every] = loaded[name]
     grown[name] = layers
