@@ -247,15 +247,12 @@ def test_a_nearest_checkpoint_loads_into_a_nearest_offset_model(tmp_path, capsys
 def test_a_checkpoint_grows_into_a_deeper_model_that_computes_the_same(tmp_path):
   """config.init_grow_layers: the source's blocks spaced evenly among identity blocks, so a 1-layer run starts
   a 3-layer model with its outputs unchanged; the new blocks keep their fresh params save the zeroed outputs."""
-  shallow_config = teacher_config.get_config("tiny")
-  shallow_config.video.update(height=32, width=32, num_frames=9)
-  shallow_config.tracks.grid = 8
-  shallow_config.model.update(dim=32, num_layers=1, num_heads=2, ffn_dim=64, text_len=4)
-  deep_config = ml_collections.ConfigDict(shallow_config.to_dict())
+  shallow_config, deep_config = _micro_teacher_config(), _micro_teacher_config()
+  assert shallow_config.model.num_layers == 1
   deep_config.model.num_layers = 3
   shallow, deep = (dit.WanDiT(dit.DiTSpec.from_config(c)) for c in (shallow_config, deep_config))
-  shallow_params = shallow.init(jax.random.PRNGKey(0), *dit.example_inputs(shallow_config, 1))["params"]
-  fresh = deep.init(jax.random.PRNGKey(1), *dit.example_inputs(deep_config, 1))["params"]
+  shallow_params = inference.init_dit_params(shallow_config, jax.random.PRNGKey(0))
+  fresh = inference.init_dit_params(deep_config, jax.random.PRNGKey(1))
   convert_common.save_params(jax.device_get(shallow_params), tmp_path / "shallow")
   with pytest.raises(ValueError, match=r"blocks/.*expected \[3, "):
     teacher.load_dit_checkpoint(str(tmp_path / "shallow"), fresh)
@@ -276,8 +273,7 @@ def test_a_checkpoint_grows_into_a_deeper_model_that_computes_the_same(tmp_path)
   assert float(jnp.abs(expected).mean()) > 1e-2
   np.testing.assert_allclose(deep.apply({"params": grown}, *inputs), expected, atol=1e-5)
   deep_config.model.num_layers = 2
-  uneven = dit.WanDiT(dit.DiTSpec.from_config(deep_config)).init(jax.random.PRNGKey(1),
-                                                                  *dit.example_inputs(deep_config, 1))["params"]
+  uneven = inference.init_dit_params(deep_config, jax.random.PRNGKey(1))
   convert_common.save_params(jax.device_get(grown), tmp_path / "deep")
   with pytest.raises(ValueError, match=r"num_layers \(2\) to be a multiple of the source's 3 layers"):
     teacher.load_dit_checkpoint(str(tmp_path / "deep"), uneven, grow_layers=True)
@@ -289,6 +285,15 @@ MICRO_OVERRIDES = {
     "model.text_len": 4, "data.num_train": 4,
     "data.num_validation": 2, "train.batch_size": 2, "train.log_every": 1, "eval.batch_size": 2,
 }
+
+
+def _micro_teacher_config() -> ml_collections.ConfigDict:
+  """configs/teacher.py with MICRO_OVERRIDES applied, as train.py applies them from the command line."""
+  config = teacher_config.get_config("tiny")
+  for key, value in MICRO_OVERRIDES.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config
 
 
 def _train_py(tmp_path, overrides, preset="tiny", config_file="teacher.py", workdir="run"):
@@ -357,11 +362,7 @@ def test_train_step_benchmark_times_the_stages_step(tmp_path):
   assert report["clips_per_s"] == pytest.approx(2 / (report["step_ms_mean"] / 1000))
   assert np.isfinite(report["loss_first"]) and np.isfinite(report["loss_last"])
   # 3 x batch x one full-clip forward: 3 latent frames of 16 / 2 = 8 x 8 cells, patch 2 x 2 -> 48 tokens
-  config = teacher_config.get_config("tiny")
-  for key, value in MICRO_OVERRIDES.items():
-    section, name = key.split(".")
-    config[section][name] = value
-  forward = stream_bench.dit_flops(config, 3, 3)
+  forward = stream_bench.dit_flops(_micro_teacher_config(), 3, 3)
   assert report["gflop_per_step"] == pytest.approx(3 * 2 * forward / 1e9)
   linear_only = 2 * 48 * (6 * 32 * 32 + 2 * 32 * 64)  # one layer's linear layers over 48 tokens
   assert forward > linear_only + 4 * 48 * 48 * 32
